@@ -1,0 +1,11 @@
+//! marengo: offline, on-device text generation.
+//!
+//! The crate is layered so that each piece can be read alone (see `ARCHITECTURE.md`):
+//! the bundle format is shared with the exporter; everything that runs a model sits behind
+//! the `engine` feature so that `marengo-export` builds without tract.
+
+pub mod bundle;
+pub mod onnx_proto;
+
+#[cfg(feature = "engine")]
+pub mod kernels;
