@@ -30,14 +30,27 @@ debian_mirror() {
     return 1
 }
 
+mkdir -p "$cache"
+# One build at a time: a second caller waits for the first and then finds the tree ready.
+exec 9>"$cache/rootfs.lock"
+flock 9
+
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$wanted" ]]; then
     echo "$rootfs"
     exit 0
 fi
 
+# A build that was killed may have left /proc or /sys mounted inside its tree.
+unmount_below() {
+    local mounts
+    mounts="$(awk -v d="$1/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r)"
+    [[ -z "$mounts" ]] || umount $mounts
+}
+trap 'unmount_below "$rootfs.tmp"' EXIT
+
 mirror="$(debian_mirror)" || { echo "rootfs: no Debian mirror found in apt's sources" >&2; exit 1; }
 echo "rootfs: debootstrap $suite from $mirror into $rootfs" >&2
-mkdir -p "$cache"
+unmount_below "$rootfs.tmp"
 rm -rf "$rootfs.tmp" "$rootfs"
 debootstrap --variant=minbase --include="$include" "$suite" "$rootfs.tmp" "$mirror" >&2
 # A container boots faster and quieter without these; none matters to the package test.

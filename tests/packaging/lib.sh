@@ -1,0 +1,64 @@
+# Shared by the package tests: check bookkeeping, paths, and the package files.
+# Sourced, not run. Each check prints "ok - NAME" or "FAIL - NAME" with the output that failed
+# it, and adds one line to $PACKAGING_RESULTS, which run.sh counts.
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+debs="${DEB_DIR:-$repo/target/debian}"
+: "${PACKAGING_RESULTS:=$(mktemp)}"
+export PACKAGING_RESULTS
+
+# check NAME CMD...: runs CMD, records and prints whether it succeeded.
+check() {
+    local name="$1" out
+    shift
+    if out="$("$@" 2>&1)"; then
+        echo "ok - $name"
+        echo "pass $name" >> "$PACKAGING_RESULTS"
+    else
+        echo "FAIL - $name"
+        printf '%s\n' "$out" | sed 's/^/    /'
+        echo "fail $name" >> "$PACKAGING_RESULTS"
+    fi
+}
+
+# expect_failure CMD...: succeeds when CMD fails; its output is passed through.
+expect_failure() {
+    if "$@"; then
+        echo "expected a failure from: $*"
+        return 1
+    fi
+    return 0
+}
+
+# contains NEEDLE CMD...: succeeds when CMD succeeds and prints NEEDLE.
+contains() {
+    local needle="$1" out
+    shift
+    out="$("$@" 2>&1)" || { printf '%s\n' "$out"; return 1; }
+    printf '%s\n' "$out"
+    grep -qF -- "$needle" <<<"$out"
+}
+
+# fails_with NEEDLE CMD...: succeeds when CMD fails and prints NEEDLE.
+fails_with() {
+    local needle="$1" out
+    shift
+    if out="$("$@" 2>&1)"; then
+        printf '%s\n' "$out"
+        echo "expected a failure from: $*"
+        return 1
+    fi
+    printf '%s\n' "$out"
+    grep -qF -- "$needle" <<<"$out"
+}
+
+# The one .deb of ARCH in $debs.
+deb_of() {
+    local arch="$1" found
+    found=("$debs"/marengo_*_"$arch".deb)
+    if [[ ${#found[@]} -ne 1 || ! -f "${found[0]}" ]]; then
+        echo "no single marengo_*_$arch.deb in $debs (run packaging/build-debs.sh)" >&2
+        return 1
+    fi
+    echo "${found[0]}"
+}
