@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what the package build and the package tests need: cargo-deb (builds the .deb files),
 # systemd-container + debootstrap (boot the package in a Debian container), lintian, dpkg-dev,
-# dbus (the policy test's private bus) and qemu-user (runs the arm64 binaries).
+# dbus (the policy test's private bus), qemu-user (runs the arm64 binaries), help2man
+# (man pages from --help) and file (tells ELF architectures).
 # Idempotent: returns at once when everything is already there. Usage: .ci/packaging-deps.sh
 set -euo pipefail
 
-packages=(systemd-container debootstrap lintian dpkg-dev dbus qemu-user binutils-multiarch file)
+packages=(systemd-container debootstrap lintian dpkg-dev dbus qemu-user help2man file)
 cargo_deb_version=3.8.0
 
 installed() {

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Builds the marengo .deb packages for amd64 and arm64 into target/debian/ and checks both
+# with lintian (no errors allowed; warnings are printed).
+#
+#   packaging/build-debs.sh            both architectures
+#   packaging/build-debs.sh amd64      one of them (amd64 or arm64)
+#
+# The release binaries are built first (a no-op when .ci/run already built them): amd64 with
+# the default toolchain, arm64 with the Debian cross toolchain of .ci/aarch64.sh. Man pages are
+# made from the binaries' --help by help2man, so they say what the programs say.
+# Needs .ci/packaging-deps.sh (cargo-deb, lintian, help2man) and, for arm64, .ci/aarch64.sh.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+target_dir="${CARGO_TARGET_DIR:-$repo/target}"
+out="$target_dir/debian"
+arm64_triple=aarch64-unknown-linux-gnu
+archs=("$@")
+[[ ${#archs[@]} -gt 0 ]] || archs=(amd64 arm64)
+cd "$repo"
+
+# The two crates build separately: the exporter does not want the engine feature unified in.
+build_amd64() {
+    cargo build --release --locked -p marengo --bins
+    cargo build --release --locked -p marengo-export --bins
+}
+
+build_arm64() {
+    "$repo/.ci/aarch64.sh" build --release --locked -p marengo --bins
+    "$repo/.ci/aarch64.sh" build --release --locked -p marengo-export --bins
+}
+
+# help2man runs the amd64 binaries; the arm64 ones print the same text.
+man_pages() {
+    local man="$target_dir/man" bin="$target_dir/release"
+    mkdir -p "$man"
+    help2man --no-info --section=8 --name="on-device text generation service over D-Bus" \
+        "$bin/marengod" > "$man/marengod.8"
+    help2man --no-info --section=1 --name="client of the marengo text generation service" \
+        "$bin/marengoctl" > "$man/marengoctl.1"
+    help2man --no-info --section=1 --name="turn model checkpoints into marengo bundles" \
+        "$bin/marengo-export" > "$man/marengo-export.1"
+    gzip -9nf "$man/marengod.8" "$man/marengoctl.1" "$man/marengo-export.1"
+}
+
+package() {
+    local arch="$1" deb
+    case "$arch" in
+        amd64) deb="$(cargo deb -p marengo --no-build --output "$out" | tail -n 1)" ;;
+        arm64) deb="$(cargo deb -p marengo --no-build --target "$arm64_triple" --output "$out" | tail -n 1)" ;;
+        *) echo "build-debs: unknown architecture $arch (amd64, arm64)" >&2; exit 2 ;;
+    esac
+    echo "build-debs: $deb ($(stat -c %s "$deb") bytes)"
+    # Errors fail the build; warnings and notes are shown for the log.
+    lintian --fail-on error "$deb"
+}
+
+build_amd64
+man_pages
+mkdir -p "$out"
+for arch in "${archs[@]}"; do
+    [[ "$arch" != arm64 ]] || build_arm64
+    package "$arch"
+done
