@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# The amd64 .deb in a Debian bookworm booted with systemd as PID 1 (systemd-nspawn, one
+# throw-away boot over the cached rootfs of rootfs.sh): it installs without enabling or
+# starting anything; `systemctl start` reaches active through READY=1 and the daemon runs as
+# marengo; over the real system bus a member of the group marengo gets an answer and another
+# user is refused; D-Bus activation starts the stopped service on a call; `systemctl stop`
+# mid-generation ends the stream with reason "shutdown"; `dpkg --purge` leaves no file, user
+# or unit behind. Also prints the daemon's memory use with the model mapped.
+# Usage: tests/packaging/container.sh   (as root)
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+deb="$(deb_of amd64)"
+rootfs="$("$repo/tests/packaging/rootfs.sh")"
+work="$(mktemp -d)"
+chmod 755 "$work"
+machine="marengo-ci-$$"
+nspawn_pid=""
+container_pid=""
+
+cleanup() {
+    if [[ -n "$container_pid" ]] && kill -0 "$container_pid" 2>/dev/null; then
+        nsenter -t "$container_pid" -a systemctl poweroff >/dev/null 2>&1 || true
+    fi
+    if [[ -n "$nspawn_pid" ]]; then
+        local i
+        for i in $(seq 1 50); do
+            kill -0 "$nspawn_pid" 2>/dev/null || break
+            sleep 0.2
+        done
+        kill "$nspawn_pid" 2>/dev/null || true
+        wait "$nspawn_pid" 2>/dev/null || true
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# What the container gets from here, read-only under /mnt/marengo-test.
+cp "$deb" "$work/marengo.deb"
+"$repo/tests/packaging/tiny-bundle.sh" "$work/bundle" >/dev/null
+chmod -R a+rX "$work/bundle"
+
+systemd-nspawn -q -D "$rootfs" --volatile=overlay -b --register=no --keep-unit \
+    --console=read-only --machine="$machine" --bind-ro="$work:/mnt/marengo-test" \
+    >"$work/console.log" 2>&1 &
+nspawn_pid=$!
+
+# inside CMD...: runs CMD inside the container as root, with a clean environment.
+inside() {
+    nsenter -t "$container_pid" -a env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"
+}
+# as USER CMD...: runs CMD inside the container as USER.
+as() {
+    local user="$1"
+    shift
+    inside setpriv --reuid="$user" --regid="$user" --init-groups -- "$@"
+}
+
+booted() {
+    local i
+    for i in $(seq 1 100); do
+        container_pid="$(ps --ppid "$nspawn_pid" -o pid= 2>/dev/null | tr -d ' ' | head -n 1)"
+        [[ -z "$container_pid" ]] || break
+        sleep 0.1
+    done
+    [[ -n "$container_pid" ]] || { cat "$work/console.log"; return 1; }
+    local state
+    state="$(timeout 60 nsenter -t "$container_pid" -a systemctl is-system-running --wait)" || true
+    echo "system state: $state"
+    [[ "$state" == running ]] || { inside systemctl --failed --no-pager; return 1; }
+}
+check "the container boots with systemd as PID 1" booted
+[[ -n "$container_pid" ]] || exit 1
+
+# Every path under the directories a package may touch, to compare before and after.
+snapshot() {
+    inside find /etc /usr /var/lib -xdev -not -path '/var/lib/dpkg/*' | sort
+}
+inside useradd --create-home alice
+inside useradd --create-home bob
+snapshot > "$work/before"
+
+check "dpkg -i installs the package" inside dpkg -i /mnt/marengo-test/marengo.deb
+check "the user and group marengo exist" inside sh -c 'getent passwd marengo && getent group marengo'
+check "the service is neither enabled nor started" \
+    contains "disabled inactive" inside sh -c \
+    'echo "$(systemctl is-enabled marengod.service) $(systemctl is-active marengod.service)"'
+check "systemd-analyze verify of the installed system unit" \
+    inside systemd-analyze verify --man=no marengod.service
+check "the bundle directory exists" inside test -d /var/lib/marengo/models
+check "the config is a conffile" contains /etc/marengo/marengod.toml \
+    inside dpkg-query -W -f='${Conffiles}' marengo
+
+inside cp -r /mnt/marengo-test/bundle /var/lib/marengo/models/default
+inside usermod -a -G marengo alice
+
+started() {
+    inside systemctl start marengod.service || { inside journalctl -u marengod --no-pager; return 1; }
+    inside systemctl show -p ActiveState -p SubState -p Type -p NotifyAccess -p StatusText marengod
+    [[ "$(inside systemctl is-active marengod.service)" == active ]]
+}
+check "systemctl start marengod reaches active (Type=notify: READY=1 was sent)" started
+
+main_pid() {
+    inside systemctl show -P MainPID marengod.service
+}
+runs_as_marengo() {
+    local pid
+    pid="$(main_pid)"
+    inside grep -E '^(Uid|Gid):' "/proc/$pid/status"
+    [[ "$(inside stat -c %U "/proc/$pid")" == marengo ]]
+}
+check "the daemon runs as the user marengo" runs_as_marengo
+
+# rss PID: resident memory as /proc shows it, for the report.
+rss() {
+    inside grep -E '^(VmRSS|RssAnon|RssFile):' "/proc/$1/status" | tr -s ' \t' ' ' | tr '\n' ' '
+}
+echo "memory after start (model mapped, no request yet): $(rss "$(main_pid)")"
+
+complete_as() {
+    as "$1" busctl --system call org.marengo.Llm1 /org/marengo/Llm1 org.marengo.Llm1 \
+        Complete 'sa{sv}' "Once upon a time" 1 max_tokens u 8
+}
+check "a member of the group marengo gets an answer over the system bus" \
+    contains 'sa{sv} "' complete_as alice
+check "root gets an answer" contains 'sa{sv} "' complete_as root
+check "another user is refused by the bus" fails_with "Rejected send message" complete_as bob
+echo "memory after a request: $(rss "$(main_pid)")"
+
+activated() {
+    inside systemctl stop marengod.service
+    [[ "$(inside systemctl is-active marengod.service)" != active ]] || return 1
+    complete_as alice || return 1
+    [[ "$(inside systemctl is-active marengod.service)" == active ]]
+}
+check "a call starts the stopped service through D-Bus activation" activated
+
+# marengoctl, as alice, keeps a long generation streaming while root watches the bus
+# (root may monitor) for the Finished signal sent to her.
+stopped_mid_generation() {
+    inside timeout 60 busctl --system monitor --json=short org.marengo.Llm1 >"$work/monitor.json" 2>&1 &
+    local monitor=$!
+    sleep 0.5
+    as alice marengoctl --system generate --max-tokens 4000 "Once upon a time" \
+        >"$work/generate.out" 2>"$work/generate.err" &
+    local client=$! i
+    for i in $(seq 1 300); do
+        [[ ! -s "$work/generate.out" ]] || break
+        sleep 0.1
+    done
+    [[ -s "$work/generate.out" ]] || { echo "no tokens within 30 s"; cat "$work/generate.err"; return 1; }
+    inside systemctl stop marengod.service
+    local status=0
+    wait "$client" || status=$?
+    kill "$monitor" 2>/dev/null || true
+    wait "$monitor" 2>/dev/null || true
+    echo "marengoctl exited with $status; stderr: $(cat "$work/generate.err")"
+    grep '"Finished"' "$work/monitor.json" || { echo "no Finished signal seen"; return 1; }
+    grep '"Finished"' "$work/monitor.json" | grep -q '"shutdown"'
+}
+check "systemctl stop mid-generation ends the stream with reason shutdown" stopped_mid_generation
+
+purged() {
+    inside dpkg --purge marengo || return 1
+    snapshot > "$work/after"
+    diff "$work/before" "$work/after"
+}
+check "dpkg --purge removes every file it installed or made" purged
+check "dpkg --purge removes the user and group marengo" \
+    expect_failure inside sh -c 'getent passwd marengo || getent group marengo || grep -w marengo /etc/group'
+check "dpkg --purge leaves no unit behind" \
+    expect_failure inside sh -c 'systemctl list-unit-files --no-legend "marengod*" | grep . || ls /etc/systemd/system/*/marengod* 2>/dev/null'
