@@ -21,26 +21,47 @@ cd "$repo"
 
 # The two crates build separately: the exporter does not want the engine feature unified in.
 build_amd64() {
-    cargo build --release --locked -p marengo --bins
-    cargo build --release --locked -p marengo-export --bins
+    cargo build --release -p marengo --bins
+    cargo build --release -p marengo-export --bins
 }
 
 build_arm64() {
-    "$repo/.ci/aarch64.sh" build --release --locked -p marengo --bins
-    "$repo/.ci/aarch64.sh" build --release --locked -p marengo-export --bins
+    "$repo/.ci/aarch64.sh" build --release -p marengo --bins
+    "$repo/.ci/aarch64.sh" build --release -p marengo-export --bins
 }
 
-# help2man runs the amd64 binaries; the arm64 ones print the same text.
+# help2man runs the amd64 binaries; the arm64 ones print the same text. Each subcommand's
+# --help becomes a section of its own, so the page holds every option.
 man_pages() {
     local man="$target_dir/man" bin="$target_dir/release"
     mkdir -p "$man"
-    help2man --no-info --section=8 --name="on-device text generation service over D-Bus" \
-        "$bin/marengod" > "$man/marengod.8"
-    help2man --no-info --section=1 --name="client of the marengo text generation service" \
-        "$bin/marengoctl" > "$man/marengoctl.1"
-    help2man --no-info --section=1 --name="turn model checkpoints into marengo bundles" \
-        "$bin/marengo-export" > "$man/marengo-export.1"
+    man_page "$bin/marengod" 8 "on-device text generation service over D-Bus" \
+        "$repo/packaging/man/marengod.h2m" > "$man/marengod.8"
+    man_page "$bin/marengoctl" 1 "client of the marengo text generation service" \
+        "$repo/packaging/man/marengoctl.h2m" > "$man/marengoctl.1"
+    man_page "$bin/marengo-export" 1 "turn model checkpoints into marengo bundles" \
+        "$repo/packaging/man/marengo-export.h2m" > "$man/marengo-export.1"
     gzip -9nf "$man/marengod.8" "$man/marengoctl.1" "$man/marengo-export.1"
+}
+
+# man_page BINARY SECTION NAME INCLUDE: help2man's page for BINARY, with a COMMANDS section
+# made of each subcommand's --help and the hand-written sections of INCLUDE (FILES, SEE ALSO).
+man_page() {
+    local binary="$1" section="$2" name="$3" include="$4" extra sub
+    extra="$(mktemp)"
+    {
+        echo "[COMMANDS]"
+        for sub in $("$binary" --help | awk '/^Commands:/ { on = 1; next } on && /^  [a-z]/ { print $1 } on && /^$/ { exit }'); do
+            [[ "$sub" != help ]] || continue
+            echo ".SS \"$(basename "$binary") $sub\""
+            echo ".nf"
+            "$binary" "$sub" --help | sed -e 's/\\/\\e/g' -e "s/^[.']/\\\\\&&/"
+            echo ".fi"
+        done
+        cat "$include"
+    } > "$extra"
+    help2man --no-info --section="$section" --name="$name" --include="$extra" "$binary"
+    rm -f "$extra"
 }
 
 package() {
