@@ -56,16 +56,24 @@ as() {
     inside setpriv --reuid="$user" --regid="$user" --init-groups -- "$@"
 }
 
+# nspawn's child becomes the container's PID 1 once it has set the namespaces up. (Checks run
+# in a subshell: what they set does not outlive them, so this runs outside of one.)
+for i in $(seq 1 300); do
+    container_pid="$(ps --ppid "$nspawn_pid" -o pid=,comm= 2>/dev/null | awk '$2 == "systemd" { print $1 }')"
+    [[ -z "$container_pid" ]] || break
+    sleep 0.1
+done
+
 booted() {
     local i
-    for i in $(seq 1 100); do
-        container_pid="$(ps --ppid "$nspawn_pid" -o pid= 2>/dev/null | tr -d ' ' | head -n 1)"
-        [[ -z "$container_pid" ]] || break
+    [[ -n "$container_pid" ]] || { echo "no systemd in the container"; cat "$work/console.log"; return 1; }
+    # Until systemd listens on its socket, systemctl cannot even ask.
+    local state=""
+    for i in $(seq 1 300); do
+        state="$(timeout 60 nsenter -t "$container_pid" -a systemctl is-system-running --wait 2>/dev/null)" || true
+        [[ -z "$state" ]] || break
         sleep 0.1
     done
-    [[ -n "$container_pid" ]] || { cat "$work/console.log"; return 1; }
-    local state
-    state="$(timeout 60 nsenter -t "$container_pid" -a systemctl is-system-running --wait)" || true
     echo "system state: $state"
     [[ "$state" == running ]] || { inside systemctl --failed --no-pager; return 1; }
 }
@@ -81,12 +89,23 @@ inside useradd --create-home bob
 snapshot > "$work/before"
 
 check "dpkg -i installs the package" inside dpkg -i /mnt/marengo-test/marengo.deb
+snapshot > "$work/installed"
+# The snapshots see what the package adds, so that an empty difference after purge means something.
+listed() {
+    local path
+    for path in /usr/bin/marengod /etc/marengo/marengod.toml /var/lib/marengo/models; do
+        grep -qx "$path" "$work/installed" || { echo "$path not in the snapshot"; return 1; }
+    done
+}
+check "the snapshot sees the package's files, config and data directory" listed
 check "the user and group marengo exist" inside sh -c 'getent passwd marengo && getent group marengo'
 check "the service is neither enabled nor started" \
     contains "disabled inactive" inside sh -c \
     'echo "$(systemctl is-enabled marengod.service) $(systemctl is-active marengod.service)"'
 check "systemd-analyze verify of the installed system unit" \
     inside systemd-analyze verify --man=no marengod.service
+check "systemd-analyze verify of the installed user unit" \
+    as alice sh -c 'XDG_RUNTIME_DIR="$(mktemp -d)" systemd-analyze verify --user --man=no marengod.service'
 check "the bundle directory exists" inside test -d /var/lib/marengo/models
 check "the config is a conffile" contains /etc/marengo/marengod.toml \
     inside dpkg-query -W -f='${Conffiles}' marengo
@@ -125,8 +144,14 @@ complete_as() {
 check "a member of the group marengo gets an answer over the system bus" \
     contains 'sa{sv} "' complete_as alice
 check "root gets an answer" contains 'sa{sv} "' complete_as root
-check "another user is refused by the bus" fails_with "Rejected send message" complete_as bob
+check "another user is refused by the bus" fails_with "Access denied" complete_as bob
 echo "memory after a request: $(rss "$(main_pid)")"
+
+# A session bus without a systemd user manager runs the activation file's Exec= line, which
+# reads the same /etc/marengo/marengod.toml.
+check "a call on a session bus starts marengod --session through D-Bus activation" \
+    contains 'sa{sv} "' as bob dbus-run-session -- busctl --user call org.marengo.Llm1 \
+    /org/marengo/Llm1 org.marengo.Llm1 Complete 'sa{sv}' "Once upon a time" 1 max_tokens u 8
 
 activated() {
     inside systemctl stop marengod.service
