@@ -39,3 +39,5 @@ for p in "${programs[@]}"; do
     check "$p --help runs under qemu-aarch64" contains "Usage:" \
         qemu-aarch64 -L "$sysroot" "$work/usr/bin/$p" --help
 done
+
+finished

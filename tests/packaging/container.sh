@@ -59,7 +59,7 @@ as() {
 # nspawn's child becomes the container's PID 1 once it has set the namespaces up. (Checks run
 # in a subshell: what they set does not outlive them, so this runs outside of one.)
 for i in $(seq 1 300); do
-    container_pid="$(ps --ppid "$nspawn_pid" -o pid=,comm= 2>/dev/null | awk '$2 == "systemd" { print $1 }')"
+    container_pid="$(ps --ppid "$nspawn_pid" -o pid=,comm= | awk '$2 == "systemd" { print $1 }')" || true
     [[ -z "$container_pid" ]] || break
     sleep 0.1
 done
@@ -196,3 +196,5 @@ check "dpkg --purge removes the user and group marengo" \
     expect_failure inside sh -c 'getent passwd marengo || getent group marengo || grep -w marengo /etc/group'
 check "dpkg --purge leaves no unit behind" \
     expect_failure inside sh -c 'systemctl list-unit-files --no-legend "marengod*" | grep . || ls /etc/systemd/system/*/marengod* 2>/dev/null'
+
+finished

@@ -7,6 +7,12 @@ debs="${DEB_DIR:-$repo/target/debian}"
 : "${PACKAGING_RESULTS:=$(mktemp)}"
 export PACKAGING_RESULTS
 
+# finished: the last line of every test script, so that run.sh can tell a script that stopped
+# early from one that ran all its checks.
+finished() {
+    echo "done $(basename "$0")" >> "$PACKAGING_RESULTS"
+}
+
 # check NAME CMD...: runs CMD, records and prints whether it succeeded.
 check() {
     local name="$1" out

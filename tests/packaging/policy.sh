@@ -121,3 +121,5 @@ check "another user is refused by the bus" fails_with "Access denied" \
 check "another user cannot read properties either" fails_with "Access denied" \
     as "$stranger" busctl --address="$address" get-property "$name" /org/marengo/Llm1 \
     org.marengo.Llm1 Version
+
+finished

@@ -17,6 +17,9 @@ for t in "${tests[@]}"; do
     if ! "$here/$t.sh"; then
         echo "fail $t.sh exited non-zero" >> "$PACKAGING_RESULTS"
         echo "FAIL - $t.sh exited non-zero"
+    elif ! grep -qx "done $t.sh" "$PACKAGING_RESULTS"; then
+        echo "fail $t.sh stopped before its last check" >> "$PACKAGING_RESULTS"
+        echo "FAIL - $t.sh stopped before its last check"
     fi
 done
 

@@ -40,3 +40,5 @@ verify_installed_unit() {
     return "$status"
 }
 check "systemd-analyze verify of the installed marengod.service" verify_installed_unit
+
+finished
