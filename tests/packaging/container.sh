@@ -103,9 +103,9 @@ check "the service is neither enabled nor started" \
     contains "disabled inactive" inside sh -c \
     'echo "$(systemctl is-enabled marengod.service) $(systemctl is-active marengod.service)"'
 check "systemd-analyze verify of the installed system unit" \
-    inside systemd-analyze verify --man=no marengod.service
+    silent inside systemd-analyze verify --man=no marengod.service
 check "systemd-analyze verify of the installed user unit" \
-    as alice sh -c 'XDG_RUNTIME_DIR="$(mktemp -d)" systemd-analyze verify --user --man=no marengod.service'
+    silent as alice sh -c 'XDG_RUNTIME_DIR="$(mktemp -d)" systemd-analyze verify --user --man=no marengod.service'
 check "the bundle directory exists" inside test -d /var/lib/marengo/models
 check "the config is a conffile" contains /etc/marengo/marengod.toml \
     inside dpkg-query -W -f='${Conffiles}' marengo

@@ -36,6 +36,14 @@ expect_failure() {
     return 0
 }
 
+# silent CMD...: succeeds when CMD succeeds and prints nothing (systemd-analyze verify reports
+# unknown keys and bad values as warnings and still exits 0).
+silent() {
+    local out
+    out="$("$@" 2>&1)" || { printf '%s\n' "$out"; return 1; }
+    [[ -z "$out" ]] || { printf '%s\n' "$out"; return 1; }
+}
+
 # contains NEEDLE CMD...: succeeds when CMD succeeds and prints NEEDLE.
 contains() {
     local needle="$1" out

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The unit files: the system unit's exposure as rated by `systemd-analyze security` is at most
 # 1.0 (printed for CI's log, with the user unit's), and the system unit as the amd64 .deb
-# installs it verifies clean in a Debian tree (the package's files over the test rootfs).
+# installs it verifies without a word in a Debian tree (the package's files over the test rootfs).
 # Usage: tests/packaging/units.sh   (as root: it mounts an overlay)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -33,7 +33,7 @@ verify_installed_unit() {
     dpkg-deb -x "$deb" "$work/package" || return 1
     # A read-only overlay: the package's files over the rootfs, which stays untouched.
     mount -t overlay overlay -o "lowerdir=$work/package:$rootfs" "$work/tree" || return 1
-    systemd-analyze verify --man=no --root="$work/tree" \
+    silent systemd-analyze verify --man=no --root="$work/tree" \
         "$work/tree/usr/lib/systemd/system/marengod.service" || status=$?
     umount "$work/tree"
     rm -rf "$work"
