@@ -1,0 +1,360 @@
+//! `config.json` of a HuggingFace Mistral/Llama checkpoint, in both the transformers-4 style
+//! (top-level `rope_theta`, `torch_dtype`) and the transformers-5 style (`rope_parameters`,
+//! `dtype`), reduced to the few numbers the graph needs.
+//!
+//! Anything the graph cannot express (biases, rope scaling, another activation) is refused here,
+//! by key, rather than exported into a model that silently computes something else.
+
+use std::path::{Path, PathBuf};
+
+use marengo::bundle::manifest::Architecture;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::SourceDtype;
+
+/// Why a `config.json` cannot be exported.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid config.json: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error(
+        "{path}: unsupported architecture {found:?} (supported: MistralForCausalLM, LlamaForCausalLM)"
+    )]
+    UnsupportedArchitecture { path: PathBuf, found: String },
+    #[error("{path}: key `{key}` is missing")]
+    Missing { path: PathBuf, key: &'static str },
+    #[error("{path}: key `{key}` = {value} is not supported: {why}")]
+    Unsupported {
+        path: PathBuf,
+        key: &'static str,
+        value: String,
+        why: &'static str,
+    },
+}
+
+/// The part of `config.json` the exporter reads. Unknown keys are ignored on purpose: configs
+/// carry many training-only fields.
+#[derive(Debug, Deserialize)]
+struct RawConfig {
+    #[serde(default)]
+    architectures: Vec<String>,
+    hidden_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    intermediate_size: Option<usize>,
+    vocab_size: Option<usize>,
+    rope_theta: Option<f64>,
+    rope_parameters: Option<RopeParameters>,
+    rope_scaling: Option<Value>,
+    rms_norm_eps: Option<f64>,
+    tie_word_embeddings: Option<bool>,
+    torch_dtype: Option<String>,
+    dtype: Option<String>,
+    max_position_embeddings: Option<usize>,
+    sliding_window: Option<usize>,
+    hidden_act: Option<String>,
+    #[serde(default)]
+    attention_bias: bool,
+    #[serde(default)]
+    mlp_bias: bool,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<TokenIds>,
+    pad_token_id: Option<u32>,
+}
+
+/// transformers-5 groups rope settings; `rope_type` "default" is the only one the graph does.
+#[derive(Debug, Deserialize)]
+struct RopeParameters {
+    rope_type: Option<String>,
+    rope_theta: Option<f64>,
+}
+
+/// `eos_token_id` is an int in older configs and a list in newer ones.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(id) => vec![*id],
+            TokenIds::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+/// A checkpoint's model configuration, validated.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    /// Shape of the network; `context_length` is `max_position_embeddings` until the exporter
+    /// chooses the exported context.
+    pub architecture: Architecture,
+    /// The dtype the checkpoint says its weights are in, when it says so.
+    pub dtype: Option<SourceDtype>,
+    pub max_position_embeddings: usize,
+    /// `None` means full attention over the whole context.
+    pub sliding_window: Option<usize>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+}
+
+impl ModelConfig {
+    /// Reads and validates `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_json(path, &text)
+    }
+
+    /// Validates the text of a `config.json`; `path` only names it in errors.
+    pub fn from_json(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        let missing = |key| ConfigError::Missing {
+            path: path.to_owned(),
+            key,
+        };
+        let unsupported = |key, value: String, why| ConfigError::Unsupported {
+            path: path.to_owned(),
+            key,
+            value,
+            why,
+        };
+
+        let family = match raw.architectures.first().map(String::as_str) {
+            Some("MistralForCausalLM") => "mistral",
+            Some("LlamaForCausalLM") => "llama",
+            other => {
+                return Err(ConfigError::UnsupportedArchitecture {
+                    path: path.to_owned(),
+                    found: other.unwrap_or("<none>").to_owned(),
+                });
+            }
+        };
+        let hidden_size = raw.hidden_size.ok_or_else(|| missing("hidden_size"))?;
+        let num_layers = raw
+            .num_hidden_layers
+            .ok_or_else(|| missing("num_hidden_layers"))?;
+        let num_heads = raw
+            .num_attention_heads
+            .ok_or_else(|| missing("num_attention_heads"))?;
+        let num_kv_heads = raw.num_key_value_heads.unwrap_or(num_heads);
+        let intermediate_size = raw
+            .intermediate_size
+            .ok_or_else(|| missing("intermediate_size"))?;
+        let vocab_size = raw.vocab_size.ok_or_else(|| missing("vocab_size"))?;
+        let rms_norm_eps = raw.rms_norm_eps.ok_or_else(|| missing("rms_norm_eps"))?;
+        let max_position_embeddings = raw
+            .max_position_embeddings
+            .ok_or_else(|| missing("max_position_embeddings"))?;
+
+        for (key, value) in [
+            ("hidden_size", hidden_size),
+            ("num_hidden_layers", num_layers),
+            ("num_attention_heads", num_heads),
+            ("num_key_value_heads", num_kv_heads),
+            ("intermediate_size", intermediate_size),
+            ("vocab_size", vocab_size),
+            ("max_position_embeddings", max_position_embeddings),
+        ] {
+            if value == 0 {
+                return Err(unsupported(key, "0".into(), "must be positive"));
+            }
+        }
+        if num_heads % num_kv_heads != 0 {
+            return Err(unsupported(
+                "num_key_value_heads",
+                num_kv_heads.to_string(),
+                "must divide num_attention_heads",
+            ));
+        }
+        let head_dim = match raw.head_dim {
+            Some(d) => d,
+            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+            None => {
+                return Err(unsupported(
+                    "num_attention_heads",
+                    num_heads.to_string(),
+                    "must divide hidden_size when head_dim is absent",
+                ));
+            }
+        };
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(unsupported(
+                "head_dim",
+                head_dim.to_string(),
+                "rotary embedding needs an even head_dim",
+            ));
+        }
+
+        let rope_theta = match (&raw.rope_parameters, raw.rope_theta) {
+            (Some(params), top_level) => {
+                if let Some(kind) = params.rope_type.as_deref()
+                    && kind != "default"
+                {
+                    return Err(unsupported(
+                        "rope_parameters.rope_type",
+                        kind.to_owned(),
+                        "only the default rotary embedding is exported",
+                    ));
+                }
+                params
+                    .rope_theta
+                    .or(top_level)
+                    .ok_or_else(|| missing("rope_parameters.rope_theta"))?
+            }
+            (None, Some(theta)) => theta,
+            (None, None) => 10_000.0,
+        };
+        if let Some(scaling) = raw.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+            let default = scaling
+                .get("rope_type")
+                .or_else(|| scaling.get("type"))
+                .and_then(Value::as_str)
+                == Some("default");
+            if !default {
+                return Err(unsupported(
+                    "rope_scaling",
+                    scaling.to_string(),
+                    "only the default rotary embedding is exported",
+                ));
+            }
+        }
+        if let Some(act) = raw.hidden_act.as_deref()
+            && act != "silu"
+        {
+            return Err(unsupported(
+                "hidden_act",
+                act.to_owned(),
+                "the MLP is exported as SiLU-gated",
+            ));
+        }
+        if raw.attention_bias {
+            return Err(unsupported(
+                "attention_bias",
+                "true".into(),
+                "projections are exported without bias",
+            ));
+        }
+        if raw.mlp_bias {
+            return Err(unsupported(
+                "mlp_bias",
+                "true".into(),
+                "projections are exported without bias",
+            ));
+        }
+        let dtype = match raw.dtype.as_deref().or(raw.torch_dtype.as_deref()) {
+            None => None,
+            Some(name) => Some(SourceDtype::from_hf_name(name).ok_or_else(|| {
+                unsupported(
+                    "torch_dtype",
+                    name.to_owned(),
+                    "weights must be bfloat16, float16 or float32",
+                )
+            })?),
+        };
+
+        Ok(ModelConfig {
+            architecture: Architecture {
+                family: family.to_owned(),
+                hidden_size,
+                num_layers,
+                num_heads,
+                num_kv_heads,
+                head_dim,
+                intermediate_size,
+                vocab_size,
+                rope_theta,
+                rms_norm_eps,
+                tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+                context_length: max_position_embeddings,
+            },
+            dtype,
+            max_position_embeddings,
+            sliding_window: raw.sliding_window,
+            bos_token_id: raw.bos_token_id,
+            eos_token_ids: raw.eos_token_id.map(|ids| ids.to_vec()).unwrap_or_default(),
+            pad_token_id: raw.pad_token_id,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ModelConfig, ConfigError> {
+        ModelConfig::from_json(Path::new("config.json"), text)
+    }
+
+    #[test]
+    fn transformers4_style_is_read() {
+        let cfg = parse(
+            r#"{"architectures":["MistralForCausalLM"],"hidden_size":64,"num_hidden_layers":2,
+            "num_attention_heads":4,"num_key_value_heads":2,"intermediate_size":128,
+            "vocab_size":100,"rope_theta":10000.0,"rms_norm_eps":1e-5,"torch_dtype":"bfloat16",
+            "max_position_embeddings":4096,"sliding_window":null,"eos_token_id":2}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.architecture.family, "mistral");
+        assert_eq!(cfg.architecture.head_dim, 16);
+        assert_eq!(cfg.architecture.rope_theta, 10000.0);
+        assert_eq!(cfg.dtype, Some(SourceDtype::Bf16));
+        assert_eq!(cfg.eos_token_ids, vec![2]);
+        assert!(!cfg.architecture.tie_word_embeddings);
+    }
+
+    #[test]
+    fn transformers5_style_is_read() {
+        let cfg = parse(
+            r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"num_hidden_layers":2,
+            "num_attention_heads":4,"num_key_value_heads":1,"head_dim":32,"intermediate_size":96,
+            "vocab_size":100,"rope_parameters":{"rope_type":"default","rope_theta":500000.0},
+            "rms_norm_eps":1e-6,"dtype":"float32","tie_word_embeddings":true,
+            "max_position_embeddings":2048,"eos_token_id":[2,3]}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.architecture.head_dim, 32);
+        assert_eq!(cfg.architecture.rope_theta, 500000.0);
+        assert_eq!(cfg.dtype, Some(SourceDtype::F32));
+        assert_eq!(cfg.eos_token_ids, vec![2, 3]);
+        assert!(cfg.architecture.tie_word_embeddings);
+    }
+
+    #[test]
+    fn scaled_rope_is_refused_by_key() {
+        let err = parse(
+            r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"num_hidden_layers":2,
+            "num_attention_heads":4,"intermediate_size":96,"vocab_size":100,"rms_norm_eps":1e-6,
+            "max_position_embeddings":2048,"rope_scaling":{"rope_type":"llama3","factor":8.0}}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("rope_scaling"), "{err}");
+    }
+
+    #[test]
+    fn other_architectures_are_refused() {
+        let err = parse(r#"{"architectures":["GPT2LMHeadModel"]}"#).unwrap_err();
+        assert!(matches!(err, ConfigError::UnsupportedArchitecture { .. }));
+        assert!(err.to_string().contains("GPT2LMHeadModel"));
+    }
+}

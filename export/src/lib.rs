@@ -1,0 +1,11 @@
+//! marengo-export: turns a HuggingFace Mistral/Llama checkpoint into a marengo bundle.
+//!
+//! The pipeline is one module per stage: [`checkpoint`] readers hand out one tensor at a time,
+//! [`quant`] encodes it, [`writer`] appends it to the bundle being built, [`graph`] describes the
+//! network over those tensors, and [`convert`] drives the whole. [`synth`] makes random
+//! checkpoints for tests and benchmarks.
+
+pub mod checkpoint;
+pub mod gguf;
+pub mod hf_layout;
+pub mod synth;

@@ -1,0 +1,158 @@
+//! `bundle.json`: the schema of a bundle's manifest, shared by the exporter (which writes it)
+//! and the daemon (which trusts nothing in a bundle it has not checked against it).
+//!
+//! Field names are the on-disk format: renaming one is a format change and needs a new
+//! `format_version`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Value of [`Manifest::format`]: tells a bundle apart from any other JSON file.
+pub const FORMAT: &str = "marengo-bundle";
+/// The only format version this code reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// The manifest's own file name.
+pub const MANIFEST_FILE: &str = "bundle.json";
+/// The ONNX graph, weights as external data.
+pub const GRAPH_FILE: &str = "model.onnx";
+/// Every initializer's bytes, each tensor page aligned.
+pub const WEIGHTS_FILE: &str = "model.weights";
+/// The HuggingFace `tokenizers` file.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// Every tensor in [`WEIGHTS_FILE`] starts at a multiple of this, so that a mapped tensor is
+/// page aligned on 4 KiB-page systems and SIMD loads of it are aligned everywhere.
+pub const TENSOR_ALIGNMENT: u64 = 4096;
+
+/// The whole manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// Always [`FORMAT_VERSION`] for bundles this code reads.
+    pub format_version: u32,
+    pub architecture: Architecture,
+    pub quantization: Quantization,
+    /// The model's own Jinja chat template, when the checkpoint has one.
+    pub chat_template: Option<String>,
+    pub special_tokens: SpecialTokens,
+    /// Every file of the bundle except the manifest itself, by file name.
+    pub files: BTreeMap<String, FileEntry>,
+    /// Every tensor in [`WEIGHTS_FILE`], in file order.
+    pub tensors: Vec<TensorEntry>,
+    pub provenance: Provenance,
+}
+
+/// The network's shape: what the graph was built for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Architecture {
+    /// `mistral` or `llama`: the two share one graph, the name is for people.
+    pub family: String,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub rope_theta: f64,
+    pub rms_norm_eps: f64,
+    pub tie_word_embeddings: bool,
+    /// Longest sequence (prompt + generated) the graph's rotary caches cover.
+    pub context_length: usize,
+}
+
+/// How the linear layers, the embedding and the LM head are stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Quantization {
+    pub kind: QuantKind,
+    /// FP8 only: scales per `block_size` elements along the input dimension instead of one per
+    /// output channel.
+    pub block_size: Option<usize>,
+}
+
+/// Storage kind of the quantized tensors; norms and rotary caches are always f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantKind {
+    /// FLOAT8E4M3FN weights with f32 scales.
+    Fp8E4m3fn,
+    F16,
+    F32,
+}
+
+/// Element type of a tensor in [`WEIGHTS_FILE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TensorDtype {
+    Fp8E4m3fn,
+    F16,
+    F32,
+}
+
+impl TensorDtype {
+    /// Bytes per element.
+    pub fn size(self) -> u64 {
+        match self {
+            TensorDtype::Fp8E4m3fn => 1,
+            TensorDtype::F16 => 2,
+            TensorDtype::F32 => 4,
+        }
+    }
+}
+
+/// Token ids the session and the sampler need without parsing the tokenizer.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SpecialTokens {
+    pub bos: Option<u32>,
+    /// Generation stops at any of these.
+    pub eos: Vec<u32>,
+    pub pad: Option<u32>,
+    pub unk: Option<u32>,
+}
+
+/// Size and digest of one bundle file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub size: u64,
+    /// Lower-case hex SHA-256 of the whole file.
+    pub sha256: String,
+}
+
+/// One tensor in [`WEIGHTS_FILE`]; the graph's initializer of the same name points at the same
+/// bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: TensorDtype,
+    pub shape: Vec<usize>,
+    /// Byte offset in [`WEIGHTS_FILE`], a multiple of [`TENSOR_ALIGNMENT`].
+    pub offset: u64,
+    /// Byte length: element count × dtype size.
+    pub length: u64,
+    /// For a scale tensor: the name of the quantized tensor it scales.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_of: Option<String>,
+    /// For a quantized tensor: ‖dequantized − original‖₂ / ‖original‖₂.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rel_rms_error: Option<f64>,
+}
+
+/// Where the bundle came from, so that it can be reproduced or audited.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    pub sources: Vec<SourceFile>,
+    pub exporter_version: String,
+    /// The exporter's argv.
+    pub command_line: Vec<String>,
+    /// Seconds since the Unix epoch (UTC) when the export finished.
+    pub created: u64,
+}
+
+/// One input file of the export.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceFile {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
