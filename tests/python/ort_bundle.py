@@ -23,7 +23,9 @@ class Generation:
 
     prompt_logits: np.ndarray  # [prompt_len, vocab] float32
     greedy: list[int]
-    last_logits: np.ndarray  # [vocab] float32, the distribution the last greedy token came from
+    # [len(greedy), vocab] float32: row i is the distribution greedy token i was taken from
+    # (row 0 is the last prompt row, the others come from single-token steps over the cache).
+    greedy_logits: np.ndarray
 
 
 class BundleSession:
@@ -81,16 +83,20 @@ class BundleSession:
         if not prompt:
             raise ValueError("empty prompt")
         prompt_logits, past = self.forward(prompt, 0, self.empty_past())
-        last = prompt_logits[-1]
+        rows = [prompt_logits[-1]]
         greedy: list[int] = []
         while len(greedy) < max_new_tokens:
-            token = int(np.argmax(last))
+            token = int(np.argmax(rows[-1]))
             greedy.append(token)
             if len(greedy) == max_new_tokens:
                 break
             step_logits, past = self.forward([token], len(prompt) + len(greedy) - 1, past)
-            last = step_logits[-1]
-        return Generation(prompt_logits=prompt_logits, greedy=greedy, last_logits=last)
+            rows.append(step_logits[-1])
+        return Generation(
+            prompt_logits=prompt_logits,
+            greedy=greedy,
+            greedy_logits=np.stack(rows[: len(greedy)]),
+        )
 
 
 def parse_ids(text: str) -> list[int]:
