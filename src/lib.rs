@@ -9,3 +9,9 @@ pub mod onnx_proto;
 
 #[cfg(feature = "engine")]
 pub mod kernels;
+#[cfg(feature = "engine")]
+pub mod chat;
+#[cfg(feature = "engine")]
+pub mod sampler;
+#[cfg(feature = "engine")]
+pub mod tokenizer;
