@@ -6,6 +6,7 @@
 //! the exporter's peak memory is then one tensor's output, not the model.
 
 pub mod config;
+pub mod gguf;
 
 use std::borrow::Cow;
 use std::ops::Deref;
@@ -126,6 +127,8 @@ pub struct SourceDigest {
 pub enum CheckpointError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Gguf(#[from] gguf::GgufSourceError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
