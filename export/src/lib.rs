@@ -7,5 +7,4 @@
 
 pub mod checkpoint;
 pub mod gguf;
-pub mod hf_layout;
 pub mod synth;

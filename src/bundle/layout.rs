@@ -1,7 +1,8 @@
-//! The tensors a HuggingFace Mistral/Llama checkpoint holds, by name and shape. The synthesizer
-//! writes exactly these, and the converter requires exactly these.
+//! Tensor names and shapes of a Mistral/Llama model. A bundle names its tensors as HuggingFace
+//! checkpoints do, so this one list serves the exporter (what a checkpoint must contain), the
+//! bundle check (what a bundle must contain) and the engine (which initializer is which).
 
-use marengo::bundle::manifest::Architecture;
+use super::manifest::Architecture;
 
 /// What a tensor is for, which decides how it is stored in a bundle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +48,14 @@ pub const LAYER_MODULES: [&str; 9] = [
     "mlp.down_proj",
 ];
 
-/// Every tensor of the checkpoint, embedding first and LM head last.
+/// Suffix of a quantized tensor's scale: `W` is dequantized with `W` + `SCALE_SUFFIX`.
+pub const SCALE_SUFFIX: &str = "_scale";
+/// The rotary cosine cache, f32 `[context_length, head_dim / 2]`.
+pub const ROPE_COS: &str = "rope.cos_cache";
+/// The rotary sine cache, f32 `[context_length, head_dim / 2]`.
+pub const ROPE_SIN: &str = "rope.sin_cache";
+
+/// Every weight tensor of the model, embedding first and LM head last.
 pub fn expected_tensors(arch: &Architecture) -> Vec<ExpectedTensor> {
     let h = arch.hidden_size;
     let q = arch.num_heads * arch.head_dim;
