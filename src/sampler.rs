@@ -16,8 +16,8 @@
 //!
 //! The random generator is ChaCha20 seeded from one `u64`: the same seed, options and logits
 //! give the same tokens on every platform. Each step works in one buffer kept between calls and
-//! needs no full sort of the vocabulary: top-k is a selection, top-p sorts only as many of the
-//! top candidates as it needs.
+//! needs no full sort of the vocabulary: top-k is a selection, top-p a selection on probability
+//! mass.
 
 use std::cmp::Ordering;
 use std::collections::VecDeque;
@@ -146,6 +146,8 @@ fn check(
 struct Candidate {
     id: u32,
     logit: f32,
+    /// exp(logit − max), unnormalised probability, filled by the step that needs it.
+    weight: f32,
 }
 
 /// Most likely first; equal logits by increasing id, so that the kept set never depends on
@@ -154,10 +156,8 @@ fn most_likely_first(a: &Candidate, b: &Candidate) -> Ordering {
     b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id))
 }
 
-/// How many top candidates top-p sorts first; it sorts more, `TOP_P_GROWTH` times as many each
-/// round, only while their mass falls short. A sharp distribution thus costs one selection.
-const TOP_P_FIRST_BATCH: usize = 32;
-const TOP_P_GROWTH: usize = 8;
+/// Below this many candidates, top-p sorts what is left instead of halving it again.
+const TOP_P_SORT_BELOW: usize = 64;
 
 /// Chooses tokens for one generation: holds its random generator and its repetition window.
 #[derive(Debug, Clone)]
@@ -233,11 +233,12 @@ impl Sampler {
     /// Fills the candidate buffer with the penalised logits, finite ones only, in id order.
     fn load(&mut self, logits: &[f32]) -> Result<(), SamplingError> {
         self.candidates.clear();
-        self.candidates.extend(
-            (0u32..)
-                .zip(logits)
-                .map(|(id, &logit)| Candidate { id, logit }),
-        );
+        self.candidates
+            .extend((0u32..).zip(logits).map(|(id, &logit)| Candidate {
+                id,
+                logit,
+                weight: 0.0,
+            }));
         let penalty = self.params.repeat_penalty;
         if penalty != 1.0 {
             // llama.cpp penalises each recent id once, however often it occurred.
@@ -292,44 +293,53 @@ impl Sampler {
         }
     }
 
-    /// Sorts a growing head of the candidates until its probability mass reaches `top_p`.
+    /// Finds the nucleus by selection on probability mass: each round splits the undecided
+    /// candidates at their median and keeps the half where the mass crosses `top_p`, so the
+    /// cost is linear in the vocabulary whatever the nucleus size; only the last few are sorted.
     fn top_p(&mut self) {
         let top_p = f64::from(self.params.top_p);
         if top_p >= 1.0 {
             return;
         }
-        let max = self.max_logit();
-        let total: f64 = self
-            .candidates
-            .iter()
-            .map(|candidate| f64::from(candidate.logit - max).exp())
-            .sum();
+        let total = self.weigh(1.0);
         let target = top_p * total;
-        let len = self.candidates.len();
+        // Candidates before `low` are in the nucleus and hold `mass`; it ends before `high`.
+        let (mut low, mut high) = (0, self.candidates.len());
         let mut mass = 0.0;
-        let mut sorted = 0;
-        while sorted < len {
-            // Move the next most likely candidates right after the sorted ones, then sort them.
-            let head = if sorted == 0 {
-                TOP_P_FIRST_BATCH
+        while high - low > TOP_P_SORT_BELOW {
+            let middle = low + (high - low) / 2;
+            self.candidates[low..high].select_nth_unstable_by(middle - low, most_likely_first);
+            let upper: f64 = self.candidates[low..=middle]
+                .iter()
+                .map(|candidate| f64::from(candidate.weight))
+                .sum();
+            if mass + upper >= target {
+                high = middle + 1;
             } else {
-                sorted * TOP_P_GROWTH
+                mass += upper;
+                low = middle + 1;
             }
-            .min(len);
-            let rest = &mut self.candidates[sorted..];
-            if head < len {
-                rest.select_nth_unstable_by(head - sorted - 1, most_likely_first);
-            }
-            rest[..head - sorted].sort_unstable_by(most_likely_first);
-            for index in sorted..head {
-                mass += f64::from(self.candidates[index].logit - max).exp();
-                if mass >= target {
-                    self.candidates.truncate(index + 1);
-                    return;
-                }
-            }
-            sorted = head;
         }
+        self.candidates[low..high].sort_unstable_by(most_likely_first);
+        for index in low..high {
+            mass += f64::from(self.candidates[index].weight);
+            if mass >= target {
+                self.candidates.truncate(index + 1);
+                return;
+            }
+        }
+    }
+
+    /// Sets each candidate's weight to exp((logit − max) / temperature); returns their sum.
+    fn weigh(&mut self, temperature: f32) -> f64 {
+        let max = self.max_logit();
+        let inverse_temperature = 1.0 / temperature;
+        let mut total = 0.0;
+        for candidate in &mut self.candidates {
+            candidate.weight = ((candidate.logit - max) * inverse_temperature).exp();
+            total += f64::from(candidate.weight);
+        }
+        total
     }
 
     fn min_p(&mut self) {
@@ -343,14 +353,10 @@ impl Sampler {
     }
 
     fn draw(&mut self) -> u32 {
-        let max = self.max_logit();
-        let inverse_temperature = 1.0 / f64::from(self.params.temperature);
-        let weight =
-            |candidate: &Candidate| (f64::from(candidate.logit - max) * inverse_temperature).exp();
-        let total: f64 = self.candidates.iter().map(weight).sum();
+        let total = self.weigh(self.params.temperature);
         let mut remaining = self.rng.random::<f64>() * total;
         for candidate in &self.candidates {
-            remaining -= weight(candidate);
+            remaining -= f64::from(candidate.weight);
             if remaining < 0.0 {
                 return candidate.id;
             }
