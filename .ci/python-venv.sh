@@ -9,10 +9,15 @@ venv="${VENV:-$repo/.venv}"
 requirements="$repo/tests/python/requirements.txt"
 stamp="$venv/.marengo-requirements"
 
-if [[ -x "$venv/bin/python" ]] && cmp -s "$requirements" "$stamp" \
-    && "$venv/bin/python" -c 'import onnxruntime, numpy' 2>/dev/null; then
-    exit 0
-fi
+ready() {
+    [[ -x "$venv/bin/python" ]] && cmp -s "$requirements" "$stamp" \
+        && "$venv/bin/python" -c 'import onnxruntime, numpy' 2>/dev/null
+}
+ready && exit 0
+# Scripts that need the venv (e.g. .ci/smollm2.sh) call this one too: build it once at a time.
+exec 9<"${BASH_SOURCE[0]}"
+flock 9
+ready && exit 0
 
 python="${PYTHON:-python3}"
 if ! command -v "$python" >/dev/null; then
