@@ -7,6 +7,8 @@
 
 pub mod config;
 pub mod gguf;
+pub mod hf_dir;
+pub mod safetensors;
 
 use std::borrow::Cow;
 use std::ops::Deref;
@@ -153,6 +155,20 @@ fn in_file(file: &Option<PathBuf>) -> String {
     file.as_ref()
         .map(|f| format!(" (expected in {})", f.display()))
         .unwrap_or_default()
+}
+
+/// Digest of a whole input file.
+pub(crate) fn file_digest(path: &std::path::Path) -> Result<SourceDigest, CheckpointError> {
+    let (size, sha256) =
+        marengo::bundle::digest::sha256_file(path).map_err(|source| CheckpointError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(SourceDigest {
+        path: path.to_owned(),
+        size,
+        sha256,
+    })
 }
 
 /// A checkpoint the exporter can read.

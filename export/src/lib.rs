@@ -6,5 +6,11 @@
 //! checkpoints for tests and benchmarks.
 
 pub mod checkpoint;
+pub mod convert;
 pub mod gguf;
+pub mod graph;
+pub mod inspect;
+pub mod progress;
+pub mod quant;
 pub mod synth;
+pub mod writer;

@@ -3,8 +3,14 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use marengo_export::checkpoint::SourceDtype;
+use clap::{Parser, Subcommand, ValueEnum};
+use marengo::bundle::Bundle;
+use marengo::bundle::manifest::QuantKind;
+use marengo_export::checkpoint::gguf::GgufCheckpoint;
+use marengo_export::checkpoint::hf_dir::HfCheckpoint;
+use marengo_export::checkpoint::{CheckpointSource, SourceDtype};
+use marengo_export::convert::{ConvertOptions, convert};
+use marengo_export::inspect::inspect;
 use marengo_export::synth::{SynthOptions, synthesize};
 
 #[derive(Parser)]
@@ -17,8 +23,52 @@ struct Cli {
     command: Command,
 }
 
+/// Storage of the linear layers, the embedding and the LM head.
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportDtype {
+    /// FP8 E4M3FN with f32 scales (the default).
+    Fp8,
+    /// Unquantized f16.
+    F16,
+    /// Unquantized f32: the reference path.
+    F32,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Convert a checkpoint into a bundle directory (written atomically).
+    Convert {
+        /// HuggingFace checkpoint directory: config.json, safetensors, tokenizer.json.
+        #[arg(required_unless_present = "gguf", conflicts_with = "gguf")]
+        checkpoint: Option<PathBuf>,
+        /// Read a GGUF file instead of a checkpoint directory.
+        #[arg(long)]
+        gguf: Option<PathBuf>,
+        /// Bundle directory to create.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "fp8")]
+        dtype: ExportDtype,
+        /// FP8: one scale per N input elements instead of one per output channel.
+        #[arg(long, value_name = "N")]
+        block: Option<usize>,
+        /// Longest sequence the bundle serves [default: max_position_embeddings, at most 4096].
+        #[arg(long, value_name = "N")]
+        context_length: Option<usize>,
+        /// Replace OUT if it exists and is not empty.
+        #[arg(long)]
+        force: bool,
+        /// Log each tensor and print its quantization error.
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// Print a bundle's manifest and tensor table.
+    Inspect {
+        bundle: PathBuf,
+        /// Also check the sha256 of every file.
+        #[arg(long)]
+        verify: bool,
+    },
     /// Write a deterministic random HuggingFace checkpoint for a config.json (tests, benchmarks).
     Synth {
         /// The config.json to synthesize weights for.
@@ -47,15 +97,71 @@ fn parse_source_dtype(value: &str) -> Result<SourceDtype, String> {
         .ok_or_else(|| format!("unknown dtype {value:?} (bf16, f16, f32)"))
 }
 
-fn main() -> anyhow::Result<()> {
+fn init_logging(verbose: bool) {
+    let default = if verbose { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let verbose = matches!(cli.command, Command::Convert { verbose: true, .. });
+    init_logging(verbose);
+    match cli.command {
+        Command::Convert {
+            checkpoint,
+            gguf,
+            out,
+            dtype,
+            block,
+            context_length,
+            force,
+            verbose,
+        } => {
+            let source: Box<dyn CheckpointSource> = match (checkpoint, gguf) {
+                (_, Some(file)) => Box::new(
+                    GgufCheckpoint::open(&file)
+                        .with_context(|| format!("reading {}", file.display()))?,
+                ),
+                (Some(dir), None) => Box::new(
+                    HfCheckpoint::open(&dir)
+                        .with_context(|| format!("reading checkpoint {}", dir.display()))?,
+                ),
+                (None, None) => anyhow::bail!("give a CHECKPOINT_DIR or --gguf FILE"),
+            };
+            let opts = ConvertOptions {
+                out: out.clone(),
+                kind: match dtype {
+                    ExportDtype::Fp8 => QuantKind::Fp8E4m3fn,
+                    ExportDtype::F16 => QuantKind::F16,
+                    ExportDtype::F32 => QuantKind::F32,
+                },
+                block,
+                context_length,
+                force,
+                command_line: std::env::args().collect(),
+            };
+            let bundle = convert(source.as_ref(), &opts)
+                .with_context(|| format!("exporting to {}", out.display()))?;
+            if verbose {
+                let bundle = Bundle::open(&bundle)?;
+                for t in &bundle.manifest().tensors {
+                    if let Some(err) = t.rel_rms_error {
+                        eprintln!("{:<48} relative RMS error {err:.3e}", t.name);
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Inspect { bundle, verify } => {
+            inspect(&bundle, verify, &mut std::io::stdout().lock())
+                .with_context(|| format!("inspecting {}", bundle.display()))
+        }
         Command::Synth {
             config,
             out,

@@ -1,0 +1,187 @@
+//! A HuggingFace checkpoint directory: `config.json`, safetensors weights, and the tokenizer
+//! side files (`tokenizer.json`, `tokenizer_config.json`, `generation_config.json`).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::config::TokenIds;
+use super::safetensors::SafetensorsFiles;
+use super::{
+    CheckpointError, CheckpointSource, ModelConfig, SourceDigest, SourceTensor, TokenizerFiles,
+    file_digest,
+};
+
+const CONFIG_FILE: &str = "config.json";
+const TOKENIZER_FILE: &str = "tokenizer.json";
+const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+const GENERATION_CONFIG_FILE: &str = "generation_config.json";
+
+/// An opened HuggingFace checkpoint directory.
+pub struct HfCheckpoint {
+    dir: PathBuf,
+    config: ModelConfig,
+    weights: SafetensorsFiles,
+}
+
+impl HfCheckpoint {
+    /// Reads `config.json` and the safetensors headers.
+    pub fn open(dir: &Path) -> Result<Self, CheckpointError> {
+        if !dir.is_dir() {
+            return Err(CheckpointError::Malformed {
+                path: dir.to_owned(),
+                message: "not a checkpoint directory".into(),
+            });
+        }
+        let config = ModelConfig::from_file(&dir.join(CONFIG_FILE))?;
+        let weights = SafetensorsFiles::open(dir)?;
+        Ok(HfCheckpoint {
+            dir: dir.to_owned(),
+            config,
+            weights,
+        })
+    }
+
+    /// The shard holding a tensor, for error messages.
+    pub fn file_of(&self, tensor: &str) -> Option<&Path> {
+        self.weights.file_of(tensor)
+    }
+
+    fn read_json(&self, name: &str) -> Result<Option<Value>, CheckpointError> {
+        let path = self.dir.join(name);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| CheckpointError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| CheckpointError::Malformed {
+                path,
+                message: format!("not valid JSON: {e}"),
+            })
+    }
+}
+
+/// `chat_template` is a string, or a list of named templates of which "default" is the one.
+fn chat_template(tokenizer_config: &Value) -> Option<String> {
+    match tokenizer_config.get("chat_template")? {
+        Value::String(template) => Some(template.clone()),
+        Value::Array(named) => named
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str().map(str::to_owned)),
+        _ => None,
+    }
+}
+
+/// A special token's text in `tokenizer_config.json`: a string or an AddedToken object.
+fn token_text<'a>(tokenizer_config: &'a Value, key: &str) -> Option<&'a str> {
+    let value = tokenizer_config.get(key)?;
+    value
+        .as_str()
+        .or_else(|| value.get("content").and_then(Value::as_str))
+}
+
+/// The id of a token's text in `tokenizer.json`: added tokens first, then the model vocab.
+fn token_id(tokenizer: &Value, text: &str) -> Option<u32> {
+    let added = tokenizer
+        .get("added_tokens")
+        .and_then(Value::as_array)
+        .and_then(|tokens| {
+            tokens
+                .iter()
+                .find(|t| t.get("content").and_then(Value::as_str) == Some(text))
+                .and_then(|t| t.get("id")?.as_u64())
+        });
+    let vocab = || tokenizer.get("model")?.get("vocab")?.get(text)?.as_u64();
+    added.or_else(vocab).and_then(|id| u32::try_from(id).ok())
+}
+
+fn id_field(value: &Value, key: &str) -> Option<Vec<u32>> {
+    serde_json::from_value::<TokenIds>(value.get(key)?.clone())
+        .ok()
+        .map(|ids| ids.to_vec())
+}
+
+impl CheckpointSource for HfCheckpoint {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn tensor_names(&self) -> Vec<String> {
+        self.weights.names()
+    }
+
+    fn tensor(&self, name: &str) -> Result<SourceTensor<'_>, CheckpointError> {
+        self.weights.tensor(name)
+    }
+
+    fn tokenizer(&self) -> Result<TokenizerFiles, CheckpointError> {
+        let tokenizer_path = self.dir.join(TOKENIZER_FILE);
+        let tokenizer = self.read_json(TOKENIZER_FILE)?;
+        let tokenizer_config = self
+            .read_json(TOKENIZER_CONFIG_FILE)?
+            .unwrap_or(Value::Null);
+        let generation = self
+            .read_json(GENERATION_CONFIG_FILE)?
+            .unwrap_or(Value::Null);
+
+        // generation_config.json is what transformers' generate() obeys; config.json next,
+        // then the tokenizer's own idea of its special tokens.
+        let by_text = |key: &str| {
+            let text = token_text(&tokenizer_config, key)?;
+            token_id(tokenizer.as_ref()?, text)
+        };
+        let single = |key: &str| id_field(&generation, key).and_then(|ids| ids.first().copied());
+        let bos = single("bos_token_id")
+            .or(self.config.bos_token_id)
+            .or_else(|| by_text("bos_token"));
+        let eos = id_field(&generation, "eos_token_id")
+            .filter(|ids| !ids.is_empty())
+            .or_else(|| Some(self.config.eos_token_ids.clone()).filter(|ids| !ids.is_empty()))
+            .or_else(|| by_text("eos_token").map(|id| vec![id]))
+            .unwrap_or_default();
+        let pad = single("pad_token_id")
+            .or(self.config.pad_token_id)
+            .or_else(|| by_text("pad_token"));
+        let unk = by_text("unk_token").or_else(|| {
+            let text = tokenizer
+                .as_ref()?
+                .get("model")?
+                .get("unk_token")?
+                .as_str()?;
+            token_id(tokenizer.as_ref()?, text)
+        });
+        Ok(TokenizerFiles {
+            tokenizer_json: tokenizer.is_some().then_some(tokenizer_path),
+            chat_template: chat_template(&tokenizer_config),
+            bos,
+            eos,
+            pad,
+            unk,
+        })
+    }
+
+    fn digests(&self) -> Result<Vec<SourceDigest>, CheckpointError> {
+        let mut out = vec![file_digest(&self.dir.join(CONFIG_FILE))?];
+        for side in [
+            TOKENIZER_FILE,
+            TOKENIZER_CONFIG_FILE,
+            GENERATION_CONFIG_FILE,
+        ] {
+            let path = self.dir.join(side);
+            if path.is_file() {
+                out.push(file_digest(&path)?);
+            }
+        }
+        out.extend(self.weights.digests()?);
+        Ok(out)
+    }
+
+    fn total_tensor_bytes(&self) -> u64 {
+        self.weights.total_bytes()
+    }
+}

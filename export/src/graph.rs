@@ -1,0 +1,336 @@
+//! The ONNX graph of a bundle, exactly as `ARCHITECTURE.md` ("The graph") specifies it: opset 23
+//! `RMSNormalization`, `RotaryEmbedding` and `Attention` with explicit past/present KV, every
+//! weight an external initializer in `model.weights`.
+//!
+//! Weights stay `[out, in]` as HuggingFace stores them and are used through
+//! `Transpose(perm=[1,0])` → `MatMul`, so that one output channel's bytes are contiguous for the
+//! engine's FP8 kernels and a tied embedding can serve as the LM head unchanged.
+
+use std::collections::HashMap;
+
+use marengo::bundle::layout::{
+    EMBEDDING, FINAL_NORM, LM_HEAD, ROPE_COS, ROPE_SIN, SCALE_SUFFIX, layer_tensor,
+};
+use marengo::bundle::manifest::{Architecture, TensorDtype, TensorEntry, WEIGHTS_FILE};
+use marengo::onnx_proto::{
+    AttributeProto, DataType, Dim, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
+    TensorProto, ValueInfoProto,
+};
+
+/// ONNX IR version written (IR 10 is the first with opset 23's types).
+pub const IR_VERSION: i64 = 10;
+/// The default-domain opset the graph uses.
+pub const OPSET: i64 = 23;
+
+/// Graph input and output names; the engine binds these.
+pub const INPUT_IDS: &str = "input_ids";
+pub const POSITION_IDS: &str = "position_ids";
+pub const LOGITS: &str = "logits";
+/// Symbolic dimension names.
+pub const BATCH: &str = "batch";
+pub const SEQUENCE: &str = "sequence_length";
+pub const PAST_SEQUENCE: &str = "past_sequence_length";
+pub const TOTAL_SEQUENCE: &str = "total_sequence_length";
+
+/// `past_key_values.{layer}.key` or `.value`.
+pub fn past_name(layer: usize, kind: &str) -> String {
+    format!("past_key_values.{layer}.{kind}")
+}
+
+/// `present.{layer}.key` or `.value`.
+pub fn present_name(layer: usize, kind: &str) -> String {
+    format!("present.{layer}.{kind}")
+}
+
+/// Why a graph cannot be built over the written tensors (a bug in the exporter if it happens).
+#[derive(Debug, thiserror::Error)]
+#[error("graph: tensor {0} was not written to the bundle")]
+pub struct MissingTensor(String);
+
+/// Builds the graph over `tensors` (the bundle's tensor table).
+pub fn build(
+    arch: &Architecture,
+    tensors: &[TensorEntry],
+    producer_version: &str,
+) -> Result<ModelProto, MissingTensor> {
+    let mut g = Builder {
+        nodes: Vec::new(),
+        tensors: tensors.iter().map(|t| (t.name.as_str(), t)).collect(),
+        dequantized: HashMap::new(),
+    };
+    let eps = arch.rms_norm_eps as f32;
+
+    let embedding = g.weight(EMBEDDING)?;
+    let mut hidden = g.node(
+        "Gather",
+        "embed",
+        &[&embedding, INPUT_IDS],
+        vec![AttributeProto::int("axis", 0)],
+    );
+    for layer in 0..arch.num_layers {
+        let p = format!("layers.{layer}");
+        let gain = g.tensor(&layer_tensor(layer, "input_layernorm"))?;
+        let normed = g.rms_norm(&format!("{p}.input_norm"), &hidden, &gain, eps);
+        let q = g.linear(&normed, &layer_tensor(layer, "self_attn.q_proj"))?;
+        let k = g.linear(&normed, &layer_tensor(layer, "self_attn.k_proj"))?;
+        let v = g.linear(&normed, &layer_tensor(layer, "self_attn.v_proj"))?;
+        let rope = |g: &mut Builder, x: &str, heads: usize, what: &str| {
+            g.node(
+                "RotaryEmbedding",
+                &format!("{p}.rope_{what}"),
+                &[x, ROPE_COS, ROPE_SIN, POSITION_IDS],
+                vec![
+                    AttributeProto::int("interleaved", 0),
+                    AttributeProto::int("num_heads", heads as i64),
+                ],
+            )
+        };
+        let q = rope(&mut g, &q, arch.num_heads, "q");
+        let k = rope(&mut g, &k, arch.num_kv_heads, "k");
+        let (past_k, past_v) = (past_name(layer, "key"), past_name(layer, "value"));
+        let (present_k, present_v) = (present_name(layer, "key"), present_name(layer, "value"));
+        let attn_out = format!("{p}.attention");
+        g.nodes.push(NodeProto {
+            name: attn_out.clone(),
+            op_type: "Attention".into(),
+            input: [&q, &k, &v, "", &past_k, &past_v]
+                .map(str::to_owned)
+                .to_vec(),
+            output: vec![attn_out.clone(), present_k, present_v],
+            attribute: vec![
+                AttributeProto::int("is_causal", 1),
+                AttributeProto::int("q_num_heads", arch.num_heads as i64),
+                AttributeProto::int("kv_num_heads", arch.num_kv_heads as i64),
+            ],
+            ..Default::default()
+        });
+        let o = g.linear(&attn_out, &layer_tensor(layer, "self_attn.o_proj"))?;
+        hidden = g.node("Add", &format!("{p}.attn_residual"), &[&hidden, &o], vec![]);
+
+        let gain = g.tensor(&layer_tensor(layer, "post_attention_layernorm"))?;
+        let normed = g.rms_norm(&format!("{p}.post_attention_norm"), &hidden, &gain, eps);
+        let gate = g.linear(&normed, &layer_tensor(layer, "mlp.gate_proj"))?;
+        let up = g.linear(&normed, &layer_tensor(layer, "mlp.up_proj"))?;
+        let sigmoid = g.node("Sigmoid", &format!("{p}.mlp.sigmoid"), &[&gate], vec![]);
+        let silu = g.node("Mul", &format!("{p}.mlp.silu"), &[&gate, &sigmoid], vec![]);
+        let gated = g.node("Mul", &format!("{p}.mlp.gated"), &[&silu, &up], vec![]);
+        let down = g.linear(&gated, &layer_tensor(layer, "mlp.down_proj"))?;
+        hidden = g.node(
+            "Add",
+            &format!("{p}.mlp_residual"),
+            &[&hidden, &down],
+            vec![],
+        );
+    }
+    let gain = g.tensor(FINAL_NORM)?;
+    let normed = g.rms_norm("final_norm", &hidden, &gain, eps);
+    let head = if arch.tie_word_embeddings {
+        EMBEDDING
+    } else {
+        LM_HEAD
+    };
+    let logits = g.linear(&normed, head)?;
+    g.nodes.push(NodeProto {
+        name: "logits".into(),
+        op_type: "Identity".into(),
+        input: vec![logits],
+        output: vec![LOGITS.into()],
+        ..Default::default()
+    });
+
+    let batch = || Dim::Symbol(BATCH.into());
+    let seq = || Dim::Symbol(SEQUENCE.into());
+    let kv_dims = |len: &str| {
+        vec![
+            batch(),
+            Dim::Fixed(arch.num_kv_heads as i64),
+            Dim::Symbol(len.into()),
+            Dim::Fixed(arch.head_dim as i64),
+        ]
+    };
+    let mut input = vec![
+        ValueInfoProto::tensor(INPUT_IDS, DataType::Int64, &[batch(), seq()]),
+        ValueInfoProto::tensor(POSITION_IDS, DataType::Int64, &[batch(), seq()]),
+    ];
+    let mut output = vec![ValueInfoProto::tensor(
+        LOGITS,
+        DataType::Float,
+        &[batch(), seq(), Dim::Fixed(arch.vocab_size as i64)],
+    )];
+    for layer in 0..arch.num_layers {
+        for kind in ["key", "value"] {
+            input.push(ValueInfoProto::tensor(
+                &past_name(layer, kind),
+                DataType::Float,
+                &kv_dims(PAST_SEQUENCE),
+            ));
+            output.push(ValueInfoProto::tensor(
+                &present_name(layer, kind),
+                DataType::Float,
+                &kv_dims(TOTAL_SEQUENCE),
+            ));
+        }
+    }
+    let initializer = tensors
+        .iter()
+        .map(|t| {
+            let data_type = match t.dtype {
+                TensorDtype::Fp8E4m3fn => DataType::Float8e4m3fn,
+                TensorDtype::F16 => DataType::Float16,
+                TensorDtype::F32 => DataType::Float,
+            };
+            let dims: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+            TensorProto::external(&t.name, data_type, &dims, WEIGHTS_FILE, t.offset, t.length)
+        })
+        .collect();
+
+    Ok(ModelProto {
+        ir_version: IR_VERSION,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET,
+        }],
+        producer_name: "marengo-export".into(),
+        producer_version: producer_version.into(),
+        graph: Some(GraphProto {
+            name: format!("{}-causal-lm", arch.family),
+            node: g.nodes,
+            initializer,
+            input,
+            output,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+struct Builder<'a> {
+    nodes: Vec<NodeProto>,
+    tensors: HashMap<&'a str, &'a TensorEntry>,
+    /// Weight name → name of its f32 value in the graph, so that a tied LM head reuses the
+    /// embedding's dequantization.
+    dequantized: HashMap<String, String>,
+}
+
+impl Builder<'_> {
+    /// Adds a single-output node whose output is named after the node; returns that name.
+    fn node(
+        &mut self,
+        op_type: &str,
+        name: &str,
+        inputs: &[&str],
+        attribute: Vec<AttributeProto>,
+    ) -> String {
+        self.nodes.push(NodeProto {
+            name: name.to_owned(),
+            op_type: op_type.to_owned(),
+            input: inputs.iter().map(|s| (*s).to_owned()).collect(),
+            output: vec![name.to_owned()],
+            attribute,
+            ..Default::default()
+        });
+        name.to_owned()
+    }
+
+    fn tensor(&self, name: &str) -> Result<String, MissingTensor> {
+        self.tensors
+            .contains_key(name)
+            .then(|| name.to_owned())
+            .ok_or_else(|| MissingTensor(name.to_owned()))
+    }
+
+    fn rms_norm(&mut self, name: &str, x: &str, gain: &str, eps: f32) -> String {
+        self.node(
+            "RMSNormalization",
+            name,
+            &[x, gain],
+            vec![
+                AttributeProto::int("axis", -1),
+                AttributeProto::float("epsilon", eps),
+            ],
+        )
+    }
+
+    /// The f32 value of a `[out, in]` weight: `DequantizeLinear` (FP8), `Cast` (f16) or the
+    /// initializer itself (f32).
+    fn weight(&mut self, name: &str) -> Result<String, MissingTensor> {
+        if let Some(done) = self.dequantized.get(name) {
+            return Ok(done.clone());
+        }
+        let entry = *self
+            .tensors
+            .get(name)
+            .ok_or_else(|| MissingTensor(name.to_owned()))?;
+        let value = match entry.dtype {
+            TensorDtype::Fp8E4m3fn => {
+                let scale_name = format!("{name}{SCALE_SUFFIX}");
+                let scale = *self
+                    .tensors
+                    .get(scale_name.as_str())
+                    .ok_or_else(|| MissingTensor(scale_name.clone()))?;
+                let attribute = match scale.shape.as_slice() {
+                    [_, groups] => vec![
+                        AttributeProto::int("axis", 1),
+                        AttributeProto::int("block_size", (entry.shape[1] / groups) as i64),
+                    ],
+                    _ => vec![AttributeProto::int("axis", 0)],
+                };
+                self.node(
+                    "DequantizeLinear",
+                    &format!("{name}.dequantized"),
+                    &[name, &scale_name],
+                    attribute,
+                )
+            }
+            TensorDtype::F16 => self.node(
+                "Cast",
+                &format!("{name}.f32"),
+                &[name],
+                vec![AttributeProto::int("to", DataType::Float as i64)],
+            ),
+            TensorDtype::F32 => name.to_owned(),
+        };
+        self.dequantized.insert(name.to_owned(), value.clone());
+        Ok(value)
+    }
+
+    /// `x · Wᵀ` for the `[out, in]` weight `name`.
+    fn linear(&mut self, x: &str, name: &str) -> Result<String, MissingTensor> {
+        let w = self.weight(name)?;
+        let transposed = self.node(
+            "Transpose",
+            &format!("{name}.transposed"),
+            &[&w],
+            vec![AttributeProto::ints("perm", &[1, 0])],
+        );
+        let module = name.strip_suffix(".weight").unwrap_or(name);
+        Ok(self.node(
+            "MatMul",
+            &format!("{module}.output"),
+            &[x, &transposed],
+            vec![],
+        ))
+    }
+}
+
+/// Rotary caches `[context_length, head_dim / 2]`: cos and sin of `position · θ^(−2j/head_dim)`,
+/// HuggingFace's non-interleaved (`rotate_half`) convention. Computed in f64, stored as f32.
+pub fn rope_caches(arch: &Architecture) -> (Vec<f32>, Vec<f32>) {
+    let half = arch.head_dim / 2;
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|j| {
+            arch.rope_theta
+                .powf(-((2 * j) as f64) / arch.head_dim as f64)
+        })
+        .collect();
+    let mut cos = Vec::with_capacity(arch.context_length * half);
+    let mut sin = Vec::with_capacity(arch.context_length * half);
+    for position in 0..arch.context_length {
+        for f in &inv_freq {
+            let angle = position as f64 * f;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    (cos, sin)
+}
