@@ -124,3 +124,61 @@ pub fn read_f32_le(path: &Path) -> Vec<f32> {
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect()
 }
+
+/// Runs `marengo-export` expecting failure; returns its stderr. Panics if it succeeds.
+#[track_caller]
+pub fn marengo_export_fails<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut command = Command::new(env!("CARGO_BIN_EXE_marengo-export"));
+    command.args(args);
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
+    assert!(
+        !output.status.success(),
+        "{command:?} succeeded but should have failed"
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The committed tiny config `tests/fixtures/tiny/<name>/config.json`.
+pub fn tiny_config(name: &str) -> PathBuf {
+    repo_root()
+        .join("tests/fixtures/tiny")
+        .join(name)
+        .join("config.json")
+}
+
+/// The committed Mistral-7B v0.1 tokenizer, which fits both tiny configs' 32000-token vocab.
+pub fn tokenizer_fixture() -> PathBuf {
+    repo_root().join("tests/fixtures/mistral-7b-v0.1/tokenizer.json")
+}
+
+/// Synthesizes the tiny checkpoint `name` into `out` with a tokenizer and `extra` synth flags.
+#[track_caller]
+pub fn tiny_checkpoint(name: &str, out: &Path, extra: &[&str]) {
+    let mut args: Vec<String> = vec![
+        "--tokenizer".into(),
+        tokenizer_fixture().display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    synth(&tiny_config(name), out, &args);
+}
+
+/// Entries of a directory, sorted by name.
+pub fn dir_entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
+        .map(|e| {
+            e.expect("directory entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
