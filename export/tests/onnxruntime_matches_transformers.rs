@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
-use support::{convert, python_script, read_f32_le, repo_root, scratch_dir, sha256_file, synth};
+use support::{
+    convert, python_script, read_f32_le, repo_root, sha256_file, synth, tokenizer_fixture,
+};
 
 /// The f32 export path's quality bar (DESIGN.md): logits within 1e-3 of transformers float32.
 const MAX_ABS_LOGIT_DIFF: f32 = 1e-3;
@@ -71,7 +73,7 @@ impl Golden {
     /// exporter bug.
     fn synthesize(&self, dir: &Path) {
         // convert needs a tokenizer.json; it does not enter the weights the goldens hash.
-        let tokenizer = repo_root().join("tests/fixtures/mistral-7b-v0.1/tokenizer.json");
+        let tokenizer = tokenizer_fixture();
         let mut args = vec!["--tokenizer".to_owned(), tokenizer.display().to_string()];
         args.extend(self.synth_args.iter().cloned());
         synth(&repo_root().join(&self.config), dir, &args);
@@ -93,6 +95,15 @@ impl Golden {
              rerun tests/fixtures/golden/make_golden.py and commit its outputs"
         );
     }
+}
+
+/// A private directory for one test run, removed when dropped: unique, so that runs sharing a
+/// target directory (two checkouts, or a rerun while one is going) cannot clobber each other.
+fn work_dir(test: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("{test}-"))
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap_or_else(|e| panic!("creating a {test} directory: {e}"))
 }
 
 fn golden_dir() -> PathBuf {
@@ -142,7 +153,8 @@ struct Comparison {
 
 fn f32_bundle_matches_transformers(name: &str) {
     let golden = Golden::load(name);
-    let work = scratch_dir(&format!("ort-f32-{name}"));
+    let dir = work_dir(&format!("ort-f32-{name}"));
+    let work = dir.path();
     let checkpoint = work.join("checkpoint");
     let bundle = work.join("bundle-f32");
     golden.synthesize(&checkpoint);
@@ -212,7 +224,8 @@ struct Fp8Bounds {
 fn fp8_bundle_stays_close(name: &str, block: Option<usize>, bounds: Fp8Bounds) {
     let golden = Golden::load(name);
     let label = block.map_or("per-channel".to_owned(), |b| format!("block {b}"));
-    let work = scratch_dir(&format!("ort-fp8-{name}-{}", label.replace(' ', "")));
+    let dir = work_dir(&format!("ort-fp8-{name}-{}", label.replace(' ', "")));
+    let work = dir.path();
     let checkpoint = work.join("checkpoint");
     golden.synthesize(&checkpoint);
     let reference = work.join("bundle-f32");
