@@ -1,0 +1,156 @@
+//! Threading and cache blocking shared by every vector implementation. An implementation supplies
+//! four small kernels (a [`Backend`]); the drivers here decide which rows each thread takes and how
+//! weights are staged through the caches.
+
+use rayon::prelude::*;
+
+use super::Fp8Matrix;
+
+/// Rows of `X` (tokens) in one register tile of the matrix-product kernel.
+pub(crate) const MR: usize = 6;
+/// Rows of `W` (output channels) in one register tile: the width of a packed panel.
+pub(crate) const NR: usize = 16;
+/// Reduction length of a packed panel: its `NR × KC` f32 stay in L1 while every token passes
+/// over them.
+const KC: usize = 256;
+/// Tokens per pass over a panel, so that their `[MC, KC]` slice of `X` stays in L2.
+const MC: usize = 240;
+/// Below this many weight bytes a matrix-vector product is done on the calling thread: waking
+/// the pool would cost more than it saves.
+const PARALLEL_MIN_BYTES: usize = 1 << 16;
+/// Row chunks per thread in a matrix-vector product: more than one lets a thread whose core is
+/// busy with something else hand work over, few enough that each is a long sequential read.
+const CHUNKS_PER_THREAD: usize = 2;
+/// Row chunks are rounded to this, keeping chunk boundaries off shared cache lines of `y`.
+const ROW_ALIGN: usize = 16;
+
+/// One row-block of the product as produced by [`Backend::tile`].
+pub(crate) type Tile = [[f32; NR]; MR];
+
+/// The per-instruction-set kernels. Every function requires the CPU features of its instruction
+/// set; a `Backend` is only handed out (by `Isa::backend`) when they are present. Each function
+/// checks its slice lengths itself.
+pub(crate) struct Backend {
+    /// `y[i] = W[first_row + i] · x`.
+    pub matvec_rows: unsafe fn(w: &Fp8Matrix, first_row: usize, x: &[f32], y: &mut [f32]),
+    /// Writes `panel[k * NR + j] = W[first_row + j, first_col + k]` (scaled) for `k <
+    /// panel.len() / NR`, and zeros for `j >= rows`.
+    pub pack_panel: unsafe fn(
+        w: &Fp8Matrix,
+        first_row: usize,
+        rows: usize,
+        first_col: usize,
+        panel: &mut [f32],
+    ),
+    /// `tile[i][j] = Σ_k x[i][k] · panel[k * NR + j]` over the panel's length.
+    pub tile: unsafe fn(panel: &[f32], x: &[&[f32]; MR], tile: &mut Tile),
+    /// `out[k] = W[row, k]` (scaled).
+    pub dequantize_row: unsafe fn(w: &Fp8Matrix, row: usize, out: &mut [f32]),
+}
+
+pub(super) fn matvec(backend: &Backend, w: &Fp8Matrix, x: &[f32], y: &mut [f32]) {
+    let threads = rayon::current_num_threads();
+    if threads == 1 || w.rows() * w.cols() < PARALLEL_MIN_BYTES {
+        // SAFETY: the backend's CPU features are present (see `Backend`).
+        unsafe { (backend.matvec_rows)(w, 0, x, y) };
+        return;
+    }
+    let chunk = w
+        .rows()
+        .div_ceil(threads * CHUNKS_PER_THREAD)
+        .next_multiple_of(ROW_ALIGN);
+    y.par_chunks_mut(chunk).enumerate().for_each(|(index, y)| {
+        // SAFETY: as above.
+        unsafe { (backend.matvec_rows)(w, index * chunk, x, y) };
+    });
+}
+
+pub(super) fn gather_rows(backend: &Backend, w: &Fp8Matrix, rows: &[usize], out: &mut [f32]) {
+    for (&row, out) in rows.iter().zip(out.chunks_exact_mut(w.cols())) {
+        // SAFETY: the backend's CPU features are present (see `Backend`).
+        unsafe { (backend.dequantize_row)(w, row, out) };
+    }
+}
+
+/// `y`, shared between threads that each write a disjoint set of its columns.
+#[derive(Clone, Copy)]
+struct SharedOutput {
+    start: *mut f32,
+    len: usize,
+}
+
+// SAFETY: threads only ever form references to disjoint parts of the buffer (see `matmul`).
+unsafe impl Send for SharedOutput {}
+unsafe impl Sync for SharedOutput {}
+
+pub(super) fn matmul(backend: &Backend, w: &Fp8Matrix, x: &[f32], m: usize, y: &mut [f32]) {
+    let strips = w.rows().div_ceil(NR);
+    let groups = rayon::current_num_threads().min(strips);
+    let output = SharedOutput {
+        start: y.as_mut_ptr(),
+        len: y.len(),
+    };
+    let columns = |group: usize| {
+        let first = strips * group / groups * NR;
+        let end = (strips * (group + 1) / groups * NR).min(w.rows());
+        first..end
+    };
+    if groups == 1 {
+        matmul_columns(backend, w, x, m, output, columns(0));
+    } else {
+        (0..groups).into_par_iter().for_each(|group| {
+            matmul_columns(backend, w, x, m, output, columns(group));
+        });
+    }
+}
+
+/// Computes the columns `columns` of every row of `y`; nothing else of `y` is touched.
+fn matmul_columns(
+    backend: &Backend,
+    w: &Fp8Matrix,
+    x: &[f32],
+    m: usize,
+    output: SharedOutput,
+    columns: std::ops::Range<usize>,
+) {
+    let (n, k) = (w.rows(), w.cols());
+    debug_assert_eq!(output.len, m * n);
+    let mut panel = vec![0.0; KC * NR];
+    let mut tile = [[0.0; NR]; MR];
+    for first_token in (0..m).step_by(MC) {
+        let tokens_end = (first_token + MC).min(m);
+        for first_col in (0..k).step_by(KC) {
+            let depth = KC.min(k - first_col);
+            let panel = &mut panel[..depth * NR];
+            for first_row in columns.clone().step_by(NR) {
+                let width = NR.min(columns.end - first_row);
+                // SAFETY: the backend's CPU features are present (see `Backend`).
+                unsafe { (backend.pack_panel)(w, first_row, width, first_col, panel) };
+                for token in (first_token..tokens_end).step_by(MR) {
+                    let height = MR.min(tokens_end - token);
+                    // Short tiles repeat their last token; those results are dropped.
+                    let inputs: [&[f32]; MR] = std::array::from_fn(|i| {
+                        let start = (token + i.min(height - 1)) * k + first_col;
+                        &x[start..start + depth]
+                    });
+                    // SAFETY: as above.
+                    unsafe { (backend.tile)(panel, &inputs, &mut tile) };
+                    for (i, tile_row) in tile.iter().take(height).enumerate() {
+                        let start = (token + i) * n + first_row;
+                        assert!(start + width <= output.len);
+                        // SAFETY: in bounds (checked above); the columns `first_row..+width`
+                        // belong to this call alone, so no other thread refers to them.
+                        let y = unsafe {
+                            std::slice::from_raw_parts_mut(output.start.add(start), width)
+                        };
+                        if first_col == 0 {
+                            y.copy_from_slice(&tile_row[..width]);
+                        } else {
+                            y.iter_mut().zip(tile_row).for_each(|(y, t)| *y += t);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! Every implementation against the scalar reference, on exact cases (every code through every
+//! operation) and on random matrices of awkward sizes, both scale layouts and several thread
+//! counts.
+
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::*;
+
+/// Allowed error, relative to `Σ |w·x|` of the output in question.
+const TOLERANCE: f64 = 1e-5;
+
+struct TestMatrix {
+    bytes: Vec<u8>,
+    scales: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    block: Option<usize>,
+}
+
+impl TestMatrix {
+    fn random(rng: &mut ChaCha8Rng, rows: usize, cols: usize, block: Option<usize>) -> Self {
+        Self::from_codes(rng, rows, cols, block, |rng| rng.random())
+    }
+
+    fn from_codes(
+        rng: &mut ChaCha8Rng,
+        rows: usize,
+        cols: usize,
+        block: Option<usize>,
+        mut code: impl FnMut(&mut ChaCha8Rng) -> u8,
+    ) -> Self {
+        let bytes = (0..rows * cols).map(|_| code(rng)).collect();
+        let scales_per_row = block.map_or(1, |block| cols / block);
+        let scales = (0..rows * scales_per_row)
+            .map(|_| rng.random_range(1e-3..1e-1))
+            .collect();
+        Self {
+            bytes,
+            scales,
+            rows,
+            cols,
+            block,
+        }
+    }
+
+    fn view(&self) -> Fp8Matrix<'_> {
+        Fp8Matrix::new(&self.bytes, self.rows, self.cols, &self.scales, self.block)
+            .expect("test matrices are well-formed")
+    }
+
+    fn weight(&self, row: usize, col: usize) -> f64 {
+        let span = self.block.unwrap_or(self.cols);
+        let scale = self.scales[row * (self.cols / span) + col / span];
+        f64::from(e4m3::value(self.bytes[row * self.cols + col])) * f64::from(scale)
+    }
+
+    /// `Σ_k |W[row, k] · x[k]|`, the scale of the rounding error a correct kernel may make.
+    fn magnitude(&self, row: usize, x: &[f32]) -> f64 {
+        x.iter()
+            .enumerate()
+            .map(|(col, &x)| (self.weight(row, col) * f64::from(x)).abs())
+            .sum()
+    }
+}
+
+fn random_vector(rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
+    (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
+}
+
+fn assert_close(what: &str, isa: Isa, got: f32, want: f32, magnitude: f64) {
+    let error = (f64::from(got) - f64::from(want)).abs();
+    assert!(
+        error <= TOLERANCE * magnitude,
+        "{isa:?} {what}: got {got}, reference {want}, error {error:e} > {TOLERANCE:e} × \
+         {magnitude:e}"
+    );
+}
+
+fn vector_isas() -> Vec<Isa> {
+    let isas: Vec<Isa> = available_isas()
+        .into_iter()
+        .filter(|&isa| isa != Isa::Scalar)
+        .collect();
+    assert!(isas.contains(&Isa::Portable));
+    isas
+}
+
+fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("thread pool")
+}
+
+/// Block sizes worth testing for a row length: none, the smallest, the common one, the whole row.
+fn layouts(cols: usize) -> Vec<Option<usize>> {
+    let mut layouts = vec![None];
+    for block in [16, 32, cols] {
+        if block % BLOCK_GRANULE == 0 && cols % block == 0 && !layouts.contains(&Some(block)) {
+            layouts.push(Some(block));
+        }
+    }
+    layouts
+}
+
+fn check_matvec(matrix: &TestMatrix, x: &[f32], isa: Isa) {
+    let w = matrix.view();
+    let mut want = vec![0.0; w.rows()];
+    w.matvec_with(Isa::Scalar, x, &mut want)
+        .expect("reference matvec");
+    let mut got = vec![f32::NAN; w.rows()];
+    w.matvec_with(isa, x, &mut got).expect("matvec");
+    for row in 0..w.rows() {
+        let what = format!("matvec {}×{} {:?} row {row}", w.rows(), w.cols(), w.block());
+        assert_close(&what, isa, got[row], want[row], matrix.magnitude(row, x));
+    }
+}
+
+fn check_matmul(matrix: &TestMatrix, x: &[f32], isa: Isa) {
+    let w = matrix.view();
+    let m = x.len() / w.cols();
+    let mut want = vec![0.0; m * w.rows()];
+    w.matmul_with(Isa::Scalar, x, &mut want)
+        .expect("reference matmul");
+    let mut got = vec![f32::NAN; m * w.rows()];
+    w.matmul_with(isa, x, &mut got).expect("matmul");
+    for token in 0..m {
+        let input = &x[token * w.cols()..(token + 1) * w.cols()];
+        for row in 0..w.rows() {
+            let what = format!(
+                "matmul {m}×{}×{} {:?} [{token}, {row}]",
+                w.rows(),
+                w.cols(),
+                w.block()
+            );
+            let index = token * w.rows() + row;
+            assert_close(
+                &what,
+                isa,
+                got[index],
+                want[index],
+                matrix.magnitude(row, input),
+            );
+        }
+    }
+}
+
+/// `W[n, k] = code (n + k) mod 256` with exactly representable scales: against one-hot inputs
+/// every operation must reproduce every code's value exactly, subnormals and ±448 included.
+#[test]
+fn every_code_is_exact_through_every_operation() {
+    let size = 256;
+    let bytes: Vec<u8> = (0..size * size)
+        .map(|i| ((i / size + i % size) % 256) as u8)
+        .collect();
+    let per_row: Vec<f32> = (0..size).map(|n| 2f32.powi(n as i32 % 9 - 4)).collect();
+    let per_block: Vec<f32> = (0..size * size / 16)
+        .map(|i| 2f32.powi(i as i32 % 7 - 3))
+        .collect();
+    let identity: Vec<f32> = (0..size * size)
+        .map(|i| f32::from(i / size == i % size))
+        .collect();
+    let all_rows: Vec<usize> = (0..size).collect();
+    for (scales, block) in [(&per_row, None), (&per_block, Some(16))] {
+        let w = Fp8Matrix::new(&bytes, size, size, scales, block).expect("well-formed");
+        let value = |n: usize, k: usize| {
+            let span = block.unwrap_or(size);
+            e4m3::value(bytes[n * size + k]) * scales[n * (size / span) + k / span]
+        };
+        for isa in available_isas() {
+            let mut y = vec![f32::NAN; size];
+            for k in [0, 1, 7, 0x7e, 0x81, 0xfe, 255] {
+                w.matvec_with(isa, &identity[k * size..(k + 1) * size], &mut y)
+                    .expect("matvec");
+                for (n, &y) in y.iter().enumerate() {
+                    assert_eq!(
+                        y,
+                        value(n, k),
+                        "{isa:?} matvec {block:?} code {:#04x}",
+                        bytes[n * size + k]
+                    );
+                }
+            }
+            let mut product = vec![f32::NAN; size * size];
+            w.matmul_with(isa, &identity, &mut product).expect("matmul");
+            let mut rows = vec![f32::NAN; size * size];
+            w.gather_rows_with(isa, &all_rows, &mut rows)
+                .expect("gather");
+            for n in 0..size {
+                for k in 0..size {
+                    let code = bytes[n * size + k];
+                    let want = value(n, k);
+                    assert_eq!(
+                        product[k * size + n],
+                        want,
+                        "{isa:?} matmul {block:?} code {code:#04x}"
+                    );
+                    assert_eq!(
+                        rows[n * size + k].to_bits(),
+                        want.to_bits(),
+                        "{isa:?} gather {block:?} code {code:#04x}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matvec_matches_reference_on_awkward_sizes() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for cols in [1, 7, 16, 33, 48, 64, 4097] {
+        for rows in [1, 3, 65] {
+            for block in layouts(cols) {
+                let matrix = TestMatrix::random(&mut rng, rows, cols, block);
+                let x = random_vector(&mut rng, cols);
+                for isa in vector_isas() {
+                    check_matvec(&matrix, &x, isa);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn extreme_codes_match_reference() {
+    // Only zeros, subnormals and ±448: the codes whose decoding most often goes wrong.
+    let codes: Vec<u8> = [0x00, 0x80, 0x7e, 0xfe]
+        .into_iter()
+        .chain(0x01..=0x07)
+        .chain(0x81..=0x87)
+        .collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    for block in [None, Some(32)] {
+        let matrix = TestMatrix::from_codes(&mut rng, 37, 96, block, |rng| {
+            codes[rng.random_range(0..codes.len())]
+        });
+        let x = random_vector(&mut rng, 6 * 96);
+        for isa in vector_isas() {
+            check_matvec(&matrix, &x[..96], isa);
+            check_matmul(&matrix, &x, isa);
+        }
+    }
+}
+
+#[test]
+fn matmul_matches_reference_for_every_token_count() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for (rows, cols) in [(1, 7), (3, 33), (17, 64), (33, 300), (65, 4097)] {
+        for block in layouts(cols) {
+            let matrix = TestMatrix::random(&mut rng, rows, cols, block);
+            for m in 1..=17 {
+                let x = random_vector(&mut rng, m * cols);
+                for isa in vector_isas() {
+                    check_matmul(&matrix, &x, isa);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_matches_reference_past_one_token_block() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let matrix = TestMatrix::random(&mut rng, 21, 272, Some(16));
+    let x = random_vector(&mut rng, 250 * 272);
+    for isa in vector_isas() {
+        check_matmul(&matrix, &x, isa);
+    }
+}
+
+#[test]
+fn results_do_not_depend_on_thread_count() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for block in [None, Some(32)] {
+        let matrix = TestMatrix::random(&mut rng, 301, 512, block);
+        let x = random_vector(&mut rng, 5 * 512);
+        for threads in [1, 2, 3] {
+            pool(threads).install(|| {
+                for isa in vector_isas() {
+                    check_matvec(&matrix, &x[..512], isa);
+                    check_matmul(&matrix, &x, isa);
+                }
+            });
+        }
+    }
+}
+
+#[test]
+fn gather_rows_matches_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    for block in layouts(48) {
+        let matrix = TestMatrix::random(&mut rng, 10, 48, block);
+        let w = matrix.view();
+        let rows = [9, 0, 3, 3];
+        let mut want = vec![0.0; rows.len() * 48];
+        w.gather_rows_with(Isa::Scalar, &rows, &mut want)
+            .expect("reference gather");
+        for isa in vector_isas() {
+            let mut got = vec![f32::NAN; rows.len() * 48];
+            w.gather_rows_with(isa, &rows, &mut got).expect("gather");
+            assert_eq!(got, want, "{isa:?} {block:?}");
+        }
+    }
+}
+
+#[test]
+fn bad_operands_are_refused() {
+    let matrix = TestMatrix::random(&mut ChaCha8Rng::seed_from_u64(7), 4, 32, None);
+    let w = matrix.view();
+    let mut y = vec![0.0; 4];
+    assert_eq!(
+        w.matvec(&[0.0; 31], &mut y).unwrap_err(),
+        KernelError::Operand {
+            operand: "matvec input",
+            expected: 32,
+            actual: 31
+        }
+    );
+    assert_eq!(
+        w.matmul(&[0.0; 64], &mut y).unwrap_err(),
+        KernelError::Operand {
+            operand: "matmul output",
+            expected: 8,
+            actual: 4
+        }
+    );
+    assert_eq!(
+        w.gather_rows(&[4], &mut [0.0; 32]).unwrap_err(),
+        KernelError::RowOutOfRange { row: 4, rows: 4 }
+    );
+    let missing = Isa::ALL
+        .into_iter()
+        .find(|isa| !isa.is_available())
+        .expect("one ISA is foreign");
+    assert_eq!(
+        w.matvec_with(missing, &[0.0; 32], &mut y).unwrap_err(),
+        KernelError::IsaUnavailable(missing)
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_is_chosen_when_the_cpu_has_it() {
+    let has_avx2 = is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c");
+    let want = if has_avx2 { Isa::Avx2 } else { Isa::Portable };
+    assert_eq!(Isa::best(), want);
+}
+
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn neon_is_chosen_on_aarch64() {
+    assert_eq!(Isa::best(), Isa::Neon);
+    assert!(available_isas().contains(&Isa::Neon));
+}
