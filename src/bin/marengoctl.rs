@@ -1,1 +1,502 @@
-fn main() {}
+//! `marengoctl`: the command-line client of marengod, the way `ollama run` is ollama's.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Read, Write};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use futures_util::StreamExt;
+use marengo::dbus::{BUS_NAME, Llm1Error, Llm1Proxy};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use zbus::connection::Builder;
+use zbus::message::Type as MessageType;
+use zbus::{
+    Connection, MatchRule, MessageStream, ObjectPath, OwnedObjectPath, OwnedVariant, Variant,
+};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    success (the text may still have ended early: see --stats)
+  1    any other failure
+  2    bad command line
+  3    the service cannot be reached (no daemon, no bus, or the bus policy refuses you)
+  4    an option or argument was refused (org.marengo.Llm1.Error.InvalidOption/InvalidArgument)
+  5    the prompt does not fit the model's context (ContextOverflow)
+  6    the service is busy; retry later (Busy)
+  7    the generation failed in the service (Internal, or Finished with reason \"error\")
+  130  interrupted with Ctrl-C";
+
+#[derive(Parser)]
+#[command(name = "marengoctl", version, about = "Talk to marengod over D-Bus", after_help = EXIT_CODES)]
+struct Cli {
+    #[command(flatten)]
+    bus: BusArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct BusArgs {
+    /// The system bus, where the packaged service runs (the default).
+    #[arg(long, global = true, conflicts_with_all = ["session", "address"])]
+    system: bool,
+    /// The user's session bus.
+    #[arg(long, global = true, conflicts_with = "address")]
+    session: bool,
+    /// The bus at this D-Bus address, e.g. unix:path=/run/marengo/bus.
+    #[arg(long, global = true, value_name = "ADDRESS")]
+    address: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Continue PROMPT and stream the text to stdout.
+    Generate {
+        /// The prompt, or "-" to read it from stdin.
+        prompt: String,
+        #[command(flatten)]
+        options: GenerationArgs,
+    },
+    /// Chat with the model. On a terminal: type a message, Enter sends it, Ctrl-C stops the
+    /// answer, Ctrl-D or /bye ends. Otherwise each stdin line is one user turn and each
+    /// answer is printed followed by an empty line.
+    Chat {
+        /// A system message to start the conversation with.
+        #[arg(long, value_name = "TEXT")]
+        system_prompt: Option<String>,
+        #[command(flatten)]
+        options: GenerationArgs,
+    },
+    /// Show the model and the service's state.
+    Status,
+    /// Print the token ids of TEXT ("-" for stdin), as Generate feeds them to the model.
+    Tokenize { text: String },
+}
+
+#[derive(Args, Clone, Default)]
+struct GenerationArgs {
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', value_name = "N")]
+    max_tokens: Option<u32>,
+    /// 0 is greedy; higher is more random (0 to 10).
+    #[arg(long, short = 't', value_name = "T")]
+    temperature: Option<f64>,
+    /// Sample among the K most likely tokens; 0 is off.
+    #[arg(long, value_name = "K")]
+    top_k: Option<u32>,
+    /// Nucleus sampling mass, above 0 and up to 1.
+    #[arg(long, value_name = "P")]
+    top_p: Option<f64>,
+    /// Drop tokens less likely than P times the most likely one (0 to 1).
+    #[arg(long, value_name = "P")]
+    min_p: Option<f64>,
+    /// Penalty on recently generated tokens; 1 is off.
+    #[arg(long, value_name = "R")]
+    repeat_penalty: Option<f64>,
+    /// Seed, for a repeatable sampled text.
+    #[arg(long, value_name = "SEED")]
+    seed: Option<u64>,
+    /// Stop before this text; may be repeated.
+    #[arg(long, value_name = "TEXT")]
+    stop: Vec<String>,
+    /// Print the request's figures to stderr when it ends.
+    #[arg(long)]
+    stats: bool,
+}
+
+impl GenerationArgs {
+    fn options(&self) -> HashMap<&'static str, Variant<'_>> {
+        let mut options = HashMap::new();
+        if let Some(n) = self.max_tokens {
+            options.insert("max_tokens", Variant::U32(n));
+        }
+        for (key, value) in [
+            ("temperature", self.temperature),
+            ("top_p", self.top_p),
+            ("min_p", self.min_p),
+            ("repeat_penalty", self.repeat_penalty),
+        ] {
+            if let Some(x) = value {
+                options.insert(key, Variant::F64(x));
+            }
+        }
+        if let Some(k) = self.top_k {
+            options.insert("top_k", Variant::U32(k));
+        }
+        if let Some(seed) = self.seed {
+            options.insert("seed", Variant::U64(seed));
+        }
+        if !self.stop.is_empty() {
+            options.insert("stop", Variant::from(self.stop.clone()));
+        }
+        options
+    }
+}
+
+/// A failure with the exit code scripts see.
+#[derive(Debug, thiserror::Error)]
+enum CtlError {
+    #[error("cannot reach {BUS_NAME}: {0}")]
+    Unreachable(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    ContextOverflow(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("the generation failed: {0}")]
+    Generation(String),
+    #[error("interrupted")]
+    Interrupted,
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+impl CtlError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CtlError::Other(_) => 1,
+            CtlError::Unreachable(_) => 3,
+            CtlError::Refused(_) => 4,
+            CtlError::ContextOverflow(_) => 5,
+            CtlError::Busy(_) => 6,
+            CtlError::Generation(_) => 7,
+            CtlError::Interrupted => 130,
+        }
+    }
+}
+
+impl From<Llm1Error> for CtlError {
+    fn from(e: Llm1Error) -> Self {
+        match e {
+            Llm1Error::InvalidOption(m) | Llm1Error::InvalidArgument(m) => CtlError::Refused(m),
+            Llm1Error::ContextOverflow(m) => CtlError::ContextOverflow(m),
+            Llm1Error::Busy(m) => CtlError::Busy(m),
+            Llm1Error::Internal(m) => CtlError::Generation(m),
+            Llm1Error::NotFound(m) | Llm1Error::AccessDenied(m) => {
+                CtlError::Other(anyhow::anyhow!(m))
+            }
+            Llm1Error::ZBus(e) => e.into(),
+        }
+    }
+}
+
+impl From<zbus::Error> for CtlError {
+    fn from(e: zbus::Error) -> Self {
+        let unreachable = match &e {
+            zbus::Error::MethodError(name, ..) => is_unreachable(name.as_str()),
+            zbus::Error::FDO(fdo) => is_unreachable(zbus::DBusError::name(fdo.as_ref()).as_str()),
+            zbus::Error::Connection(..) | zbus::Error::InputOutput(_) => true,
+            _ => false,
+        };
+        if unreachable {
+            CtlError::Unreachable(e.to_string())
+        } else {
+            CtlError::Other(e.into())
+        }
+    }
+}
+
+fn is_unreachable(error_name: &str) -> bool {
+    [
+        "org.freedesktop.DBus.Error.ServiceUnknown",
+        "org.freedesktop.DBus.Error.NameHasNoOwner",
+        "org.freedesktop.DBus.Error.AccessDenied",
+        "org.freedesktop.DBus.Error.NoReply",
+        "org.freedesktop.DBus.Error.Disconnected",
+        "org.freedesktop.DBus.Error.Spawn.Failed",
+        "org.freedesktop.DBus.Error.Spawn.ChildExited",
+    ]
+    .contains(&error_name)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("marengoctl: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if !matches!(e, CtlError::Interrupted) {
+                eprintln!("marengoctl: {e}");
+            }
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), CtlError> {
+    let connection = connect(&cli.bus).await?;
+    let proxy = Llm1Proxy::new(&connection).await?;
+    match cli.command {
+        Command::Generate { prompt, options } => {
+            let prompt = if prompt == "-" { read_stdin()? } else { prompt };
+            generate(&connection, &proxy, &prompt, &options).await
+        }
+        Command::Chat {
+            system_prompt,
+            options,
+        } => chat(&connection, &proxy, system_prompt, &options).await,
+        Command::Status => status(&connection, &proxy).await,
+        Command::Tokenize { text } => {
+            let text = if text == "-" { read_stdin()? } else { text };
+            let ids = proxy.tokenize(&text).await?;
+            let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+            println!("{}", ids.join(" "));
+            Ok(())
+        }
+    }
+}
+
+async fn connect(bus: &BusArgs) -> Result<Connection, CtlError> {
+    let builder = match (&bus.address, bus.session) {
+        (Some(address), _) => Builder::address(address.as_str()),
+        (None, true) => Builder::session(),
+        (None, false) => Builder::system(),
+    };
+    builder
+        .build()
+        .await
+        .map_err(|e| CtlError::Unreachable(e.to_string()))
+}
+
+fn read_stdin() -> Result<String, CtlError> {
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .context("cannot read the prompt from stdin")?;
+    Ok(text)
+}
+
+/// How a streamed request ended, as its `Finished` signal said.
+struct Ending {
+    reason: String,
+    stats: HashMap<String, OwnedVariant>,
+}
+
+/// The `Token` and `Finished` signals sent to this connection, in the order they were sent:
+/// one subscription for both, since two streams would lose their relative order.
+async fn subscribe(connection: &Connection) -> Result<MessageStream, CtlError> {
+    let rule = MatchRule::builder()
+        .msg_type(MessageType::Signal)
+        .sender(BUS_NAME)
+        .interface(BUS_NAME)
+        .build()?;
+    Ok(MessageStream::for_match_rule(rule, connection, None).await?)
+}
+
+/// Streams request `path`'s text to `out` until it finishes. Ctrl-C cancels it; the function
+/// then still waits for its `Finished`, so that the service and the client agree it ended.
+async fn follow(
+    proxy: &Llm1Proxy<'_>,
+    signals: &mut MessageStream,
+    path: &OwnedObjectPath,
+    out: &mut dyn FnMut(&str),
+) -> Result<(Ending, bool), CtlError> {
+    let mut interrupted = false;
+    loop {
+        let message = tokio::select! {
+            message = signals.next() => message,
+            _ = tokio::signal::ctrl_c(), if !interrupted => {
+                interrupted = true;
+                proxy.cancel(path).await?;
+                continue;
+            }
+        };
+        let Some(message) = message else {
+            return Err(CtlError::Unreachable(
+                "the connection to the bus closed".into(),
+            ));
+        };
+        let message = message?;
+        let header = message.header();
+        let body = message.body();
+        match header.member().map(|m| m.as_str()) {
+            Some("Token") => {
+                let (request, text): (ObjectPath<'_>, String) = body.deserialize()?;
+                if request.as_str() == path.as_str() {
+                    out(&text);
+                }
+            }
+            Some("Finished") => {
+                let (request, reason, stats): (
+                    ObjectPath<'_>,
+                    String,
+                    HashMap<String, OwnedVariant>,
+                ) = body.deserialize()?;
+                if request.as_str() == path.as_str() {
+                    return Ok((Ending { reason, stats }, interrupted));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn generate(
+    connection: &Connection,
+    proxy: &Llm1Proxy<'_>,
+    prompt: &str,
+    args: &GenerationArgs,
+) -> Result<(), CtlError> {
+    let mut signals = subscribe(connection).await?;
+    let path = proxy.generate(prompt, args.options()).await?;
+    let mut stdout = std::io::stdout();
+    let mut write = |text: &str| {
+        // A closed stdout (e.g. `| head`) ends the program through the next write's error.
+        let _ = stdout
+            .write_all(text.as_bytes())
+            .and_then(|()| stdout.flush());
+    };
+    let (ending, interrupted) = follow(proxy, &mut signals, &path, &mut write).await?;
+    println!();
+    finish(&ending, args.stats, interrupted)
+}
+
+/// Reports the end of a request: its stats on request, and a failure as an error.
+fn finish(ending: &Ending, stats: bool, interrupted: bool) -> Result<(), CtlError> {
+    if stats {
+        eprintln!("{}", format_stats(ending));
+    }
+    if ending.reason == "error" {
+        let message = ending
+            .stats
+            .get("error")
+            .and_then(|v| String::try_from(v.clone()).ok())
+            .unwrap_or_else(|| "no details".into());
+        return Err(CtlError::Generation(message));
+    }
+    if interrupted {
+        return Err(CtlError::Interrupted);
+    }
+    Ok(())
+}
+
+fn format_stats(ending: &Ending) -> String {
+    let mut keys: Vec<&String> = ending.stats.keys().collect();
+    keys.sort();
+    let mut line = format!("reason={}", ending.reason);
+    for key in keys {
+        if key == "reason" {
+            continue;
+        }
+        let value: &Variant<'_> = &ending.stats[key];
+        let shown = match value {
+            Variant::F64(x) => format!("{x:.2}"),
+            Variant::Str(s) => format!("{:?}", s.as_str()),
+            other => other.to_string(),
+        };
+        line.push_str(&format!(" {key}={shown}"));
+    }
+    line
+}
+
+async fn chat(
+    connection: &Connection,
+    proxy: &Llm1Proxy<'_>,
+    system_prompt: Option<String>,
+    args: &GenerationArgs,
+) -> Result<(), CtlError> {
+    let interactive = std::io::stdin().is_terminal();
+    let mut history: Vec<(String, String)> = Vec::new();
+    if let Some(system) = system_prompt {
+        history.push(("system".into(), system));
+    }
+    let mut signals = subscribe(connection).await?;
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        if interactive {
+            eprint!(">>> ");
+        }
+        let line = tokio::select! {
+            line = lines.next_line() => line.context("cannot read stdin")?,
+            _ = tokio::signal::ctrl_c(), if interactive => {
+                eprintln!("\n(Ctrl-D or /bye ends the chat)");
+                continue;
+            }
+        };
+        let Some(line) = line else {
+            if interactive {
+                eprintln!();
+            }
+            return Ok(());
+        };
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if interactive && line == "/bye" {
+            return Ok(());
+        }
+        history.push(("user".into(), line.to_owned()));
+        let messages: Vec<(&str, &str)> = history
+            .iter()
+            .map(|(role, content)| (role.as_str(), content.as_str()))
+            .collect();
+        let path = match proxy.chat(&messages, args.options()).await {
+            Ok(path) => path,
+            Err(e) => {
+                history.pop();
+                return Err(e.into());
+            }
+        };
+        let mut answer = String::new();
+        let mut stdout = std::io::stdout();
+        let mut write = |text: &str| {
+            answer.push_str(text);
+            let _ = stdout
+                .write_all(text.as_bytes())
+                .and_then(|()| stdout.flush());
+        };
+        let (ending, interrupted) = follow(proxy, &mut signals, &path, &mut write).await?;
+        println!();
+        if !interactive {
+            println!();
+        }
+        if args.stats {
+            eprintln!("{}", format_stats(&ending));
+        }
+        match ending.reason.as_str() {
+            "stop" | "length" if !interrupted => history.push(("assistant".into(), answer)),
+            "error" => return finish(&ending, false, false),
+            _ => {
+                // A cut-off answer is not part of the conversation; the user may ask again.
+                history.pop();
+                if interactive {
+                    eprintln!("({})", ending.reason);
+                } else {
+                    return finish(&ending, false, interrupted);
+                }
+            }
+        }
+    }
+}
+
+async fn status(connection: &Connection, proxy: &Llm1Proxy<'_>) -> Result<(), CtlError> {
+    let owner = connection
+        .call_method(
+            Some("org.freedesktop.DBus"),
+            "/org/freedesktop/DBus",
+            Some("org.freedesktop.DBus"),
+            "GetNameOwner",
+            &BUS_NAME,
+        )
+        .await?;
+    let owner: String = owner.body().deserialize()?;
+    println!("service:        {BUS_NAME} ({owner})");
+    println!("version:        {}", proxy.version().await?);
+    println!("model:          {}", proxy.model().await?);
+    println!("quantization:   {}", proxy.quantization().await?);
+    println!("context length: {}", proxy.context_length().await?);
+    println!("queue length:   {}", proxy.queue_length().await?);
+    Ok(())
+}

@@ -1,0 +1,255 @@
+//! The daemon's settings: `/etc/marengo/marengod.toml`, then command-line overrides.
+//!
+//! Every key is optional in the file so that a packaged default can stay fully commented out;
+//! unknown keys are refused, because a misspelt key silently ignored is a setting the operator
+//! believes in and does not have.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the system service looks for its settings when `--config` is not given.
+pub const SYSTEM_CONFIG_PATH: &str = "/etc/marengo/marengod.toml";
+
+/// The settings file used without `--config`: the user's own
+/// (`$XDG_CONFIG_HOME/marengo/marengod.toml`) for a session-bus daemon, the system one
+/// otherwise.
+pub fn default_config_path(session: bool) -> PathBuf {
+    if session {
+        let config_home = std::env::var_os("XDG_CONFIG_HOME")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".config")));
+        if let Some(config_home) = config_home {
+            return config_home.join("marengo").join("marengod.toml");
+        }
+    }
+    PathBuf::from(SYSTEM_CONFIG_PATH)
+}
+
+/// Which message bus the daemon serves on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusChoice {
+    System,
+    Session,
+    /// A D-Bus address such as `unix:path=/run/marengo/bus` (tests, containers).
+    Address(String),
+}
+
+/// The settings as written in the TOML file. Field names are the file's keys.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub bundle: Option<PathBuf>,
+    /// `"system"` or `"session"`.
+    pub bus: Option<String>,
+    /// A D-Bus address; takes precedence over `bus`.
+    pub address: Option<String>,
+    pub threads: Option<usize>,
+    /// Requests that may wait, over all clients (the key the packaged example documents).
+    #[serde(rename = "queue_length")]
+    pub queue_capacity: Option<usize>,
+    pub max_queued_per_client: Option<usize>,
+    pub default_max_tokens: Option<u32>,
+    pub idle_unload_secs: Option<u64>,
+    pub verify_hashes: Option<bool>,
+    /// `error`, `warn`, `info`, `debug` or `trace`; `RUST_LOG` overrides it.
+    pub log_level: Option<String>,
+}
+
+/// The settings the daemon runs with, every default applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub bundle: PathBuf,
+    pub bus: BusChoice,
+    /// Kernel threads; `None` uses every core.
+    pub threads: Option<usize>,
+    /// Requests waiting in the queue, over all clients, before `Busy` is answered.
+    pub queue_capacity: usize,
+    /// Requests one client may have waiting; keeps one client from filling the whole queue.
+    pub max_queued_per_client: usize,
+    /// `max_tokens` of a request that does not set it.
+    pub default_max_tokens: u32,
+    /// Unmap the model after this much inactivity; `None` keeps it mapped.
+    pub idle_unload_secs: Option<u64>,
+    pub verify_hashes: bool,
+    pub log_level: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("config file {path}: key `bus` must be \"system\" or \"session\", not {value:?}")]
+    Bus { path: PathBuf, value: String },
+    #[error("no model bundle: set `bundle` in {path} or pass --bundle")]
+    NoBundle { path: PathBuf },
+    #[error("setting `{key}` must be at least 1")]
+    Zero { key: &'static str },
+    #[error("setting `log_level` must be error, warn, info, debug or trace, not {0:?}")]
+    LogLevel(String),
+}
+
+impl ConfigFile {
+    /// Reads `path`. A missing file is an empty configuration only when `optional` (the
+    /// default path); a file the operator named explicitly must exist.
+    pub fn read(path: &Path, optional: bool) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if optional && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self::default());
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Applies `overrides` (the command line) on top of the file and fills in defaults.
+    /// `path` only names the file in error messages.
+    pub fn resolve(self, overrides: ConfigFile, path: &Path) -> Result<Config, ConfigError> {
+        let bus = match (overrides.address, overrides.bus, self.address, self.bus) {
+            (Some(address), ..) => BusChoice::Address(address),
+            (None, Some(bus), ..) => parse_bus(&bus, path)?,
+            (None, None, Some(address), _) => BusChoice::Address(address),
+            (None, None, None, Some(bus)) => parse_bus(&bus, path)?,
+            (None, None, None, None) => BusChoice::System,
+        };
+        let config = Config {
+            bundle: overrides
+                .bundle
+                .or(self.bundle)
+                .ok_or_else(|| ConfigError::NoBundle {
+                    path: path.to_owned(),
+                })?,
+            bus,
+            threads: overrides.threads.or(self.threads).filter(|&t| t > 0),
+            queue_capacity: overrides
+                .queue_capacity
+                .or(self.queue_capacity)
+                .unwrap_or(16),
+            max_queued_per_client: overrides
+                .max_queued_per_client
+                .or(self.max_queued_per_client)
+                .unwrap_or(8),
+            default_max_tokens: overrides
+                .default_max_tokens
+                .or(self.default_max_tokens)
+                .unwrap_or(512),
+            idle_unload_secs: overrides
+                .idle_unload_secs
+                .or(self.idle_unload_secs)
+                .filter(|&s| s > 0),
+            verify_hashes: overrides
+                .verify_hashes
+                .or(self.verify_hashes)
+                .unwrap_or(false),
+            log_level: overrides
+                .log_level
+                .or(self.log_level)
+                .unwrap_or_else(|| "info".to_owned()),
+        };
+        if !["error", "warn", "info", "debug", "trace"].contains(&config.log_level.as_str()) {
+            return Err(ConfigError::LogLevel(config.log_level));
+        }
+        for (key, value) in [
+            ("queue_length", config.queue_capacity),
+            ("max_queued_per_client", config.max_queued_per_client),
+            ("default_max_tokens", config.default_max_tokens as usize),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero { key });
+            }
+        }
+        Ok(config)
+    }
+}
+
+fn parse_bus(value: &str, path: &Path) -> Result<BusChoice, ConfigError> {
+    match value {
+        "system" => Ok(BusChoice::System),
+        "session" => Ok(BusChoice::Session),
+        _ => Err(ConfigError::Bus {
+            path: path.to_owned(),
+            value: value.to_owned(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ConfigFile, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    #[test]
+    fn command_line_wins_over_file() {
+        let file = parse("bundle = \"/srv/a\"\nbus = \"session\"\nqueue_length = 8\n").unwrap();
+        let cli = ConfigFile {
+            bundle: Some("/srv/b".into()),
+            address: Some("unix:path=/tmp/bus".into()),
+            ..Default::default()
+        };
+        let config = file.resolve(cli, Path::new("f.toml")).unwrap();
+        assert_eq!(config.bundle, PathBuf::from("/srv/b"));
+        assert_eq!(config.bus, BusChoice::Address("unix:path=/tmp/bus".into()));
+        assert_eq!(config.queue_capacity, 8);
+        assert_eq!(config.idle_unload_secs, None);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_by_name() {
+        let err = parse("bundel = \"/srv/a\"\n").unwrap_err();
+        assert!(err.to_string().contains("bundel"), "{err}");
+    }
+
+    #[test]
+    fn bad_bus_and_missing_bundle_are_refused() {
+        let err = parse("bus = \"sytem\"\nbundle = \"/a\"\n")
+            .unwrap()
+            .resolve(ConfigFile::default(), Path::new("f.toml"))
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::Bus { .. }), "{err}");
+        let err = ConfigFile::default()
+            .resolve(ConfigFile::default(), Path::new("f.toml"))
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::NoBundle { .. }), "{err}");
+    }
+
+    #[test]
+    fn zero_capacity_is_refused() {
+        let err = parse("bundle = \"/a\"\nqueue_length = 0\n")
+            .unwrap()
+            .resolve(ConfigFile::default(), Path::new("f.toml"))
+            .unwrap_err();
+        assert!(err.to_string().contains("queue_length"), "{err}");
+    }
+
+    #[test]
+    fn missing_default_file_is_empty_but_named_file_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent.toml");
+        assert!(ConfigFile::read(&path, true).unwrap().bundle.is_none());
+        assert!(matches!(
+            ConfigFile::read(&path, false),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+}

@@ -1,0 +1,412 @@
+//! `org.marengo.Llm1`: the one struct that is the daemon's D-Bus surface.
+//!
+//! Methods check their arguments, turn them into an engine request off the async runtime and
+//! hand it to the [`Scheduler`]; a task per streaming request then forwards its text as
+//! `Token` signals and its end as one `Finished`. Every signal carries the caller's unique
+//! name as destination: on a system bus any user may add match rules, and a broadcast stream
+//! would show one user's conversation to all the others.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::{Notify, mpsc};
+use zbus::message::Header;
+use zbus::names::BusName;
+use zbus::object_server::{ResponseDispatchListener, ResponseDispatchNotifier, SignalEmitter};
+use zbus::{Connection, ObjectPath, OwnedObjectPath, OwnedVariant, Variant, interface};
+
+use super::error::Llm1Error;
+use super::options::RequestOptions;
+use super::request;
+use crate::scheduler::{CancelError, Event, Finished, RequestId, Scheduler, SubmitError};
+use crate::tokenizer::TokenizerError;
+
+/// The well-known bus name the daemon owns.
+pub const BUS_NAME: &str = "org.marengo.Llm1";
+/// The object that carries the interface.
+pub const OBJECT_PATH: &str = "/org/marengo/Llm1";
+/// Request handles are `REQUEST_PATH_PREFIX` + a decimal number. They name requests, they
+/// are not objects one can call.
+pub const REQUEST_PATH_PREFIX: &str = "/org/marengo/Llm1/request/";
+
+/// Text pieces buffered per request between the generation thread and the bus. When the bus
+/// is slower than generation the thread waits: memory stays bounded.
+const EVENT_BUFFER: usize = 256;
+
+/// What the read-only properties report about the loaded model; read once at start, so that
+/// reading a property never maps a model that was unloaded while idle.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub name: String,
+    pub context_length: u32,
+    pub quantization: String,
+}
+
+/// Counts the tasks still forwarding a stream, so that a shutdown can wait for the last
+/// `Finished` to be sent before the process exits.
+#[derive(Debug, Default)]
+pub struct Streams {
+    active: AtomicUsize,
+    ended: Notify,
+}
+
+impl Streams {
+    /// Returns once no stream is being forwarded.
+    pub async fn all_ended(&self) {
+        loop {
+            let ended = self.ended.notified();
+            if self.active.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> StreamGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        StreamGuard(Arc::clone(self))
+    }
+}
+
+struct StreamGuard(Arc<Streams>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        self.0.ended.notify_waiters();
+    }
+}
+
+/// The service object.
+pub struct Llm1 {
+    scheduler: Arc<Scheduler>,
+    model: ModelInfo,
+    default_max_tokens: u32,
+    streams: Arc<Streams>,
+}
+
+enum Prompt {
+    Text(String),
+    Chat(Vec<(String, String)>),
+}
+
+impl Llm1 {
+    pub fn new(
+        scheduler: Arc<Scheduler>,
+        model: ModelInfo,
+        default_max_tokens: u32,
+        streams: Arc<Streams>,
+    ) -> Self {
+        Self {
+            scheduler,
+            model,
+            default_max_tokens,
+            streams,
+        }
+    }
+
+    /// Validates and queues a request; its events arrive on the returned receiver.
+    async fn submit(
+        &self,
+        client: &str,
+        prompt: Prompt,
+        options: &HashMap<String, OwnedVariant>,
+    ) -> Result<(RequestId, mpsc::Receiver<Event>), Llm1Error> {
+        let options = RequestOptions::parse(options)?;
+        let scheduler = Arc::clone(&self.scheduler);
+        let default_max_tokens = self.default_max_tokens;
+        let request = blocking(move || {
+            let engine = scheduler.engine().map_err(internal)?;
+            let tokens = match prompt {
+                Prompt::Text(text) => request::encode_prompt(&engine, &text)?,
+                Prompt::Chat(messages) => request::encode_chat(&engine, &messages)?,
+            };
+            request::build(&engine, tokens, options, default_max_tokens)
+        })
+        .await?;
+        let (events, receiver) = mpsc::channel(EVENT_BUFFER);
+        let id = self
+            .scheduler
+            .submit(client, request, events)
+            .map_err(|e| match e {
+                SubmitError::ShuttingDown => Llm1Error::Internal(e.to_string()),
+                SubmitError::QueueFull(_) | SubmitError::ClientQueueFull(_) => {
+                    Llm1Error::Busy(e.to_string())
+                }
+            })?;
+        tracing::debug!(client, request = id, "request queued");
+        Ok((id, receiver))
+    }
+
+    /// Queues a streaming request and starts forwarding its events once the reply (the
+    /// request's path) has been sent, so that a client never sees a `Token` before the path
+    /// that identifies it.
+    async fn stream(
+        &self,
+        header: &Header<'_>,
+        connection: &Connection,
+        prompt: Prompt,
+        options: &HashMap<String, OwnedVariant>,
+    ) -> Result<ResponseDispatchNotifier<OwnedObjectPath>, Llm1Error> {
+        let client = caller(header)?;
+        let (id, events) = self.submit(&client, prompt, options).await?;
+        let path = request_path(id);
+        let (reply, sent) = ResponseDispatchNotifier::new(path.clone());
+        let emitter = SignalEmitter::new(connection, OBJECT_PATH)
+            .map_err(internal)?
+            .set_destination(BusName::try_from(client).map_err(internal)?)
+            .into_owned();
+        let guard = self.streams.begin();
+        tokio::spawn(forward(emitter, path, sent, events, guard));
+        Ok(reply)
+    }
+}
+
+#[interface(name = "org.marengo.Llm1")]
+impl Llm1 {
+    /// Starts generating a continuation of `prompt` and returns the request's handle.
+    /// The text arrives as Token signals and the end as one Finished signal, sent to the
+    /// caller only; subscribe to them before calling. Options: max_tokens (u), temperature
+    /// (d, 0 = greedy), top_k (u, 0 = off), top_p (d), min_p (d), repeat_penalty (d),
+    /// seed (t), stop (as); integers of any width are accepted where they fit.
+    #[zbus(out_args("request"))]
+    async fn generate(
+        &self,
+        prompt: String,
+        options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+    ) -> Result<ResponseDispatchNotifier<OwnedObjectPath>, Llm1Error> {
+        self.stream(&header, connection, Prompt::Text(prompt), &options)
+            .await
+    }
+
+    /// Like Generate, for a conversation: messages are (role, content) pairs, rendered with
+    /// the model's own chat template.
+    #[zbus(out_args("request"))]
+    async fn chat(
+        &self,
+        messages: Vec<(String, String)>,
+        options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+    ) -> Result<ResponseDispatchNotifier<OwnedObjectPath>, Llm1Error> {
+        self.stream(&header, connection, Prompt::Chat(messages), &options)
+            .await
+    }
+
+    /// Generates and returns the whole text at once, for scripts. The stats are those of
+    /// Finished, with the reason under "reason".
+    #[zbus(out_args("text", "stats"))]
+    async fn complete(
+        &self,
+        prompt: String,
+        options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
+    ) -> Result<(String, HashMap<String, OwnedVariant>), Llm1Error> {
+        let client = caller(&header)?;
+        let (_, mut events) = self.submit(&client, Prompt::Text(prompt), &options).await?;
+        let mut text = String::new();
+        while let Some(event) = events.recv().await {
+            match event {
+                Event::Text(piece) => text.push_str(&piece),
+                Event::Finished(finished) => {
+                    if let Some(error) = &finished.error {
+                        return Err(Llm1Error::Internal(error.clone()));
+                    }
+                    return Ok((text, owned(stats(&finished))?));
+                }
+            }
+        }
+        Err(Llm1Error::Internal(
+            "the generation ended without a result".into(),
+        ))
+    }
+
+    /// Stops a request of the caller's: a waiting one at once, a running one before its
+    /// next token. Its Finished signal says "cancelled".
+    async fn cancel(
+        &self,
+        request: ObjectPath<'_>,
+        #[zbus(header)] header: Header<'_>,
+    ) -> Result<(), Llm1Error> {
+        let client = caller(&header)?;
+        let id = request
+            .as_str()
+            .strip_prefix(REQUEST_PATH_PREFIX)
+            .and_then(|n| n.parse::<RequestId>().ok())
+            .ok_or_else(|| Llm1Error::NotFound(format!("{request} is not a request handle")))?;
+        self.scheduler.cancel(&client, id).map_err(|e| match e {
+            CancelError::NotFound => Llm1Error::NotFound(format!("{request}: {e}")),
+            CancelError::NotOwner => Llm1Error::AccessDenied(format!("{request}: {e}")),
+        })
+    }
+
+    /// The token ids Generate would feed the model for this prompt.
+    #[zbus(out_args("tokens"))]
+    async fn tokenize(&self, text: String) -> Result<Vec<u32>, Llm1Error> {
+        let scheduler = Arc::clone(&self.scheduler);
+        blocking(move || {
+            let engine = scheduler.engine().map_err(internal)?;
+            request::encode_prompt(&engine, &text)
+        })
+        .await
+    }
+
+    /// The text of token ids; special tokens are left out.
+    #[zbus(out_args("text"))]
+    async fn detokenize(&self, tokens: Vec<u32>) -> Result<String, Llm1Error> {
+        let scheduler = Arc::clone(&self.scheduler);
+        blocking(move || {
+            let engine = scheduler.engine().map_err(internal)?;
+            engine
+                .tokenizer()
+                .decode(&tokens, true)
+                .map_err(|e| match e {
+                    TokenizerError::UnknownId { .. } => Llm1Error::InvalidArgument(e.to_string()),
+                    _ => Llm1Error::Internal(e.to_string()),
+                })
+        })
+        .await
+    }
+
+    /// A request's text piece.
+    #[zbus(signal)]
+    async fn token(
+        emitter: &SignalEmitter<'_>,
+        request: ObjectPath<'_>,
+        text: &str,
+    ) -> zbus::Result<()>;
+
+    /// A request's end, sent exactly once per request. reason: stop, length, cancelled,
+    /// disconnected, shutdown or error. stats: prompt_tokens (u), reused_tokens (u),
+    /// generated_tokens (u), prefill_tokens_per_s (d), decode_tokens_per_s (d), and
+    /// error (s) when reason is error.
+    #[zbus(signal)]
+    async fn finished(
+        emitter: &SignalEmitter<'_>,
+        request: ObjectPath<'_>,
+        reason: &str,
+        stats: HashMap<&str, Variant<'_>>,
+    ) -> zbus::Result<()>;
+
+    /// The model's name, from its bundle.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn model(&self) -> String {
+        self.model.name.clone()
+    }
+
+    /// The most tokens (prompt and generated) one request can hold.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn context_length(&self) -> u32 {
+        self.model.context_length
+    }
+
+    /// How the weights are stored: fp8_e4m3fn, f16 or f32.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn quantization(&self) -> String {
+        self.model.quantization.clone()
+    }
+
+    /// Requests waiting or running, over all clients.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn queue_length(&self) -> u32 {
+        u32::try_from(self.scheduler.queue_length()).unwrap_or(u32::MAX)
+    }
+
+    /// The daemon's version.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").to_owned()
+    }
+}
+
+/// Sends a request's events as signals, in order, after its handle has been replied.
+async fn forward(
+    emitter: SignalEmitter<'static>,
+    path: OwnedObjectPath,
+    reply_sent: ResponseDispatchListener,
+    mut events: mpsc::Receiver<Event>,
+    _guard: StreamGuard,
+) {
+    reply_sent.await;
+    while let Some(event) = events.recv().await {
+        let sent = match &event {
+            Event::Text(text) => Llm1::token(&emitter, path.as_ref(), text).await,
+            Event::Finished(finished) => {
+                Llm1::finished(
+                    &emitter,
+                    path.as_ref(),
+                    finished.reason.as_str(),
+                    stats(finished),
+                )
+                .await
+            }
+        };
+        if let Err(e) = sent {
+            tracing::warn!(request = %path, "cannot send a signal: {e}");
+        }
+        if matches!(event, Event::Finished(_)) {
+            return;
+        }
+    }
+}
+
+/// The figures of a finished request, as `Finished` and `Complete` report them.
+fn stats(finished: &Finished) -> HashMap<&'static str, Variant<'static>> {
+    let mut stats = HashMap::from([("reason", Variant::from(finished.reason.as_str()))]);
+    if let Some(outcome) = &finished.outcome {
+        let count = |n: usize| Variant::U32(u32::try_from(n).unwrap_or(u32::MAX));
+        stats.insert("prompt_tokens", count(outcome.prompt_tokens));
+        stats.insert("reused_tokens", count(outcome.reused_tokens));
+        stats.insert("generated_tokens", count(outcome.generated_tokens));
+        stats.insert(
+            "prefill_tokens_per_s",
+            Variant::F64(outcome.prefill_tokens_per_s),
+        );
+        stats.insert(
+            "decode_tokens_per_s",
+            Variant::F64(outcome.decode_tokens_per_s),
+        );
+    }
+    if let Some(error) = &finished.error {
+        stats.insert("error", Variant::from(error.clone()));
+    }
+    stats
+}
+
+fn owned(
+    stats: HashMap<&'static str, Variant<'static>>,
+) -> Result<HashMap<String, OwnedVariant>, Llm1Error> {
+    stats
+        .into_iter()
+        .map(|(k, v)| Ok((k.to_owned(), OwnedVariant::try_from(v).map_err(internal)?)))
+        .collect()
+}
+
+fn request_path(id: RequestId) -> OwnedObjectPath {
+    OwnedObjectPath::try_from(format!("{REQUEST_PATH_PREFIX}{id}"))
+        .expect("a prefix of valid path elements and a decimal number form a valid path")
+}
+
+/// The caller's unique name; every message on a bus carries one.
+fn caller(header: &Header<'_>) -> Result<String, Llm1Error> {
+    header
+        .sender()
+        .map(|sender| sender.to_string())
+        .ok_or_else(|| Llm1Error::Internal("the call has no sender; is this a bus?".into()))
+}
+
+fn internal(e: impl std::fmt::Display) -> Llm1Error {
+    Llm1Error::Internal(e.to_string())
+}
+
+/// Runs engine work (tokenizing, maybe loading an unloaded model) off the async runtime.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Llm1Error> + Send + 'static,
+) -> Result<T, Llm1Error> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Llm1Error::Internal(format!("engine task failed: {e}")))?
+}

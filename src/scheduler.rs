@@ -1,0 +1,545 @@
+//! Who generates next: a bounded queue, fair between clients, in front of the one worker
+//! thread that owns the model's session.
+//!
+//! Generation is CPU-bound and a session's KV cache is large, so requests run one at a time on
+//! a dedicated thread (never on the async runtime, whose threads must keep serving the bus).
+//! Waiting requests are kept per client and taken in turn, one request per client per turn, so
+//! a client with many requests delays another's single one by at most one generation. The
+//! queue is bounded overall and per client: past either bound a request is refused at once
+//! (`Busy`) instead of waiting unboundedly.
+//!
+//! A request is stopped through a flag the engine polls before every token, so a cancel, a
+//! client leaving the bus or a shutdown ends a running generation within one token. The
+//! scheduler reaches the model only through [`crate::engine`]; it may drop the engine after a
+//! period without work (unmapping the weights) and load it again on the next request.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::engine::{
+    Engine, EngineError, FinishReason, GenerateRequest, GenerationOutcome, Session,
+};
+
+/// A request's number, unique for the daemon's lifetime.
+pub type RequestId = u64;
+
+/// Why a request ended, as told to its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EndReason {
+    /// End of sequence or a stop string.
+    Stop = 1,
+    /// `max_tokens` or the end of the context.
+    Length,
+    /// `Cancel` by its owner.
+    Cancelled,
+    /// Its client left the bus.
+    Disconnected,
+    /// The daemon is stopping.
+    Shutdown,
+    /// The engine failed.
+    Error,
+}
+
+impl EndReason {
+    /// The reason's name on the wire (`Finished`'s `reason` argument).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Stop => "stop",
+            EndReason::Length => "length",
+            EndReason::Cancelled => "cancelled",
+            EndReason::Disconnected => "disconnected",
+            EndReason::Shutdown => "shutdown",
+            EndReason::Error => "error",
+        }
+    }
+
+    fn from_flag(flag: u8) -> Option<Self> {
+        [
+            EndReason::Cancelled,
+            EndReason::Disconnected,
+            EndReason::Shutdown,
+        ]
+        .into_iter()
+        .find(|r| *r as u8 == flag)
+    }
+}
+
+/// The end of a request: why, and the engine's figures when it ran.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub reason: EndReason,
+    pub outcome: Option<GenerationOutcome>,
+    /// The engine's message when `reason` is [`EndReason::Error`].
+    pub error: Option<String>,
+}
+
+/// What a request's client hears, in order: text pieces, then exactly one `Finished`.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Text(String),
+    Finished(Finished),
+}
+
+/// Why a request was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the queue is full ({0} requests waiting); retry later")]
+    QueueFull(usize),
+    #[error("this client already has {0} requests waiting; wait for one to finish")]
+    ClientQueueFull(usize),
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+}
+
+/// Why a cancel was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error("no such request: it has finished or never existed")]
+    NotFound,
+    #[error("the request belongs to another client")]
+    NotOwner,
+}
+
+/// Bounds and timers of the queue.
+#[derive(Debug, Clone)]
+pub struct SchedulerOptions {
+    pub queue_capacity: usize,
+    pub max_queued_per_client: usize,
+    /// Drop the engine (unmapping the model) after this long without a request.
+    pub idle_unload: Option<Duration>,
+}
+
+/// Why the scheduler could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("cannot start the generation thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Loads the engine; called at start and again after an idle unload.
+pub type EngineLoader = Box<dyn Fn() -> Result<Arc<Engine>, EngineError> + Send + Sync>;
+
+/// A snapshot for status lines.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SchedulerStatus {
+    pub waiting: usize,
+    pub running: bool,
+    pub model_loaded: bool,
+    /// Decode speed of the last finished request, tokens/s.
+    pub last_decode_tokens_per_s: Option<f64>,
+}
+
+struct Job {
+    id: RequestId,
+    client: String,
+    request: GenerateRequest,
+    stop: Arc<AtomicU8>,
+    events: mpsc::Sender<Event>,
+}
+
+struct Running {
+    id: RequestId,
+    client: String,
+    stop: Arc<AtomicU8>,
+}
+
+struct State {
+    /// Waiting requests per client, oldest first.
+    queues: HashMap<String, VecDeque<Job>>,
+    /// Clients with waiting requests, in the order they get their next turn.
+    turns: VecDeque<String>,
+    waiting: usize,
+    running: Option<Running>,
+    shutting_down: bool,
+    next_id: RequestId,
+    last_activity: Instant,
+    last_decode_tokens_per_s: Option<f64>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled on new work, on shutdown and when the engine is loaded outside the worker.
+    wake: Condvar,
+    engine: Mutex<Option<Arc<Engine>>>,
+    loader: EngineLoader,
+    options: SchedulerOptions,
+}
+
+/// The queue and its worker thread. Dropping it does not stop the worker: call
+/// [`Scheduler::shutdown`].
+pub struct Scheduler {
+    shared: Arc<Shared>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Scheduler {
+    /// Loads the engine once (so that a bad bundle fails the start, not the first request)
+    /// and starts the worker thread.
+    pub fn start(loader: EngineLoader, options: SchedulerOptions) -> Result<Self, StartError> {
+        let engine = loader()?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                queues: HashMap::new(),
+                turns: VecDeque::new(),
+                waiting: 0,
+                running: None,
+                shutting_down: false,
+                next_id: 1,
+                last_activity: Instant::now(),
+                last_decode_tokens_per_s: None,
+            }),
+            wake: Condvar::new(),
+            engine: Mutex::new(Some(engine)),
+            loader,
+            options,
+        });
+        let worker_shared = Arc::clone(&shared);
+        let worker = std::thread::Builder::new()
+            .name("marengo-generate".into())
+            .spawn(move || worker_loop(&worker_shared))
+            .map_err(StartError::Thread)?;
+        Ok(Self {
+            shared,
+            worker: Mutex::new(Some(worker)),
+        })
+    }
+
+    /// The engine, loading it again if it was unloaded while idle. Blocking: call it off the
+    /// async runtime.
+    pub fn engine(&self) -> Result<Arc<Engine>, EngineError> {
+        self.shared.engine()
+    }
+
+    /// Queues `request` for `client` (its unique bus name). `events` receives its text and
+    /// its end.
+    pub fn submit(
+        &self,
+        client: &str,
+        request: GenerateRequest,
+        events: mpsc::Sender<Event>,
+    ) -> Result<RequestId, SubmitError> {
+        let options = &self.shared.options;
+        let mut state = self.shared.lock_state();
+        if state.shutting_down {
+            return Err(SubmitError::ShuttingDown);
+        }
+        if state.waiting >= options.queue_capacity {
+            return Err(SubmitError::QueueFull(state.waiting));
+        }
+        let client_waiting = state.queues.get(client).map_or(0, VecDeque::len);
+        if client_waiting >= options.max_queued_per_client {
+            return Err(SubmitError::ClientQueueFull(client_waiting));
+        }
+        let id = state.next_id;
+        state.next_id += 1;
+        let job = Job {
+            id,
+            client: client.to_owned(),
+            request,
+            stop: Arc::new(AtomicU8::new(0)),
+            events,
+        };
+        let queue = state.queues.entry(client.to_owned()).or_default();
+        queue.push_back(job);
+        if queue.len() == 1 {
+            state.turns.push_back(client.to_owned());
+        }
+        state.waiting += 1;
+        state.last_activity = Instant::now();
+        drop(state);
+        self.shared.wake.notify_all();
+        Ok(id)
+    }
+
+    /// Cancels request `id` on behalf of `client`; only its owner may.
+    pub fn cancel(&self, client: &str, id: RequestId) -> Result<(), CancelError> {
+        let mut state = self.shared.lock_state();
+        if let Some(running) = &state.running
+            && running.id == id
+        {
+            if running.client != client {
+                return Err(CancelError::NotOwner);
+            }
+            request_stop(&running.stop, EndReason::Cancelled);
+            return Ok(());
+        }
+        let owner = state
+            .queues
+            .iter()
+            .find(|(_, queue)| queue.iter().any(|job| job.id == id))
+            .map(|(owner, _)| owner.clone())
+            .ok_or(CancelError::NotFound)?;
+        if owner != client {
+            return Err(CancelError::NotOwner);
+        }
+        let removed = state.remove_waiting(client, |job| job.id == id);
+        drop(state);
+        finish_unstarted(removed, EndReason::Cancelled);
+        Ok(())
+    }
+
+    /// Ends every request of a client that left the bus: waiting ones at once, the running
+    /// one before its next token.
+    pub fn client_gone(&self, client: &str) {
+        let mut state = self.shared.lock_state();
+        if let Some(running) = &state.running
+            && running.client == client
+        {
+            request_stop(&running.stop, EndReason::Disconnected);
+        }
+        let removed = state.remove_waiting(client, |_| true);
+        drop(state);
+        finish_unstarted(removed, EndReason::Disconnected);
+    }
+
+    /// Refuses new requests, ends waiting ones and stops the running one with reason
+    /// `shutdown`, then waits for the worker thread. Blocking.
+    pub fn shutdown(&self) {
+        let mut state = self.shared.lock_state();
+        state.shutting_down = true;
+        if let Some(running) = &state.running {
+            request_stop(&running.stop, EndReason::Shutdown);
+        }
+        let clients: Vec<String> = state.queues.keys().cloned().collect();
+        let removed: Vec<Job> = clients
+            .iter()
+            .flat_map(|client| state.remove_waiting(client, |_| true))
+            .collect();
+        drop(state);
+        self.shared.wake.notify_all();
+        finish_unstarted(removed, EndReason::Shutdown);
+        let worker = self
+            .worker
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(worker) = worker
+            && worker.join().is_err()
+        {
+            tracing::error!("the generation thread panicked");
+        }
+    }
+
+    /// Requests waiting or running.
+    pub fn queue_length(&self) -> usize {
+        let state = self.shared.lock_state();
+        state.waiting + usize::from(state.running.is_some())
+    }
+
+    pub fn status(&self) -> SchedulerStatus {
+        // A busy slot is being loaded: not loaded yet, and not worth blocking the caller for.
+        let model_loaded = matches!(self.shared.engine.try_lock(), Ok(slot) if slot.is_some());
+        let state = self.shared.lock_state();
+        SchedulerStatus {
+            waiting: state.waiting,
+            running: state.running.is_some(),
+            model_loaded,
+            last_decode_tokens_per_s: state.last_decode_tokens_per_s,
+        }
+    }
+}
+
+impl State {
+    /// Takes the waiting jobs of `client` that `matches`, keeping the turn order consistent.
+    fn remove_waiting(&mut self, client: &str, matches: impl Fn(&Job) -> bool) -> Vec<Job> {
+        let Some(queue) = self.queues.get_mut(client) else {
+            return Vec::new();
+        };
+        let (removed, kept): (VecDeque<Job>, VecDeque<Job>) =
+            queue.drain(..).partition(|job| matches(job));
+        *queue = kept;
+        if queue.is_empty() {
+            self.queues.remove(client);
+            self.turns.retain(|c| c != client);
+        }
+        self.waiting -= removed.len();
+        removed.into()
+    }
+
+    /// The next job in turn: the first waiting request of the client whose turn it is.
+    fn next_fair(&mut self) -> Option<Job> {
+        let client = self.turns.pop_front()?;
+        let queue = self.queues.get_mut(&client)?;
+        let job = queue.pop_front()?;
+        if queue.is_empty() {
+            self.queues.remove(&client);
+        } else {
+            self.turns.push_back(client);
+        }
+        self.waiting -= 1;
+        Some(job)
+    }
+}
+
+impl Shared {
+    fn lock_state(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn engine(&self) -> Result<Arc<Engine>, EngineError> {
+        let mut slot = self
+            .engine
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(engine) = slot.as_ref() {
+            return Ok(Arc::clone(engine));
+        }
+        tracing::info!("loading the model again after an idle unload");
+        let engine = (self.loader)()?;
+        *slot = Some(Arc::clone(&engine));
+        drop(slot);
+        self.lock_state().last_activity = Instant::now();
+        // The worker may be waiting without a timeout because nothing was loaded.
+        self.wake.notify_all();
+        Ok(engine)
+    }
+
+    fn unload_engine(&self) {
+        let unloaded = self
+            .engine
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if unloaded.is_some() {
+            tracing::info!("idle: model unloaded");
+        }
+    }
+
+    /// Blocks until there is a job (marking it running) or the scheduler shuts down. Drops
+    /// `session` and the engine when idle for longer than `idle_unload`.
+    fn next_job(&self, session: &mut Option<Session>) -> Option<Job> {
+        let mut state = self.lock_state();
+        loop {
+            if state.shutting_down {
+                return None;
+            }
+            if let Some(job) = state.next_fair() {
+                state.running = Some(Running {
+                    id: job.id,
+                    client: job.client.clone(),
+                    stop: Arc::clone(&job.stop),
+                });
+                return Some(job);
+            }
+            // `try_lock`: a busy slot is being loaded, and the loader wakes us when done.
+            let loaded = matches!(self.engine.try_lock(), Ok(slot) if slot.is_some());
+            match self.options.idle_unload {
+                Some(idle) if loaded => {
+                    let idle_for = state.last_activity.elapsed();
+                    if idle_for >= idle {
+                        *session = None;
+                        self.unload_engine();
+                        continue;
+                    }
+                    state = self
+                        .wake
+                        .wait_timeout(state, idle - idle_for)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .0;
+                }
+                _ => {
+                    state = self
+                        .wake
+                        .wait(state)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                }
+            }
+        }
+    }
+}
+
+fn worker_loop(shared: &Shared) {
+    let mut session: Option<Session> = None;
+    while let Some(job) = shared.next_job(&mut session) {
+        let finished = run_job(shared, &mut session, &job);
+        tracing::info!(
+            request = job.id,
+            client = %job.client,
+            reason = %finished.reason.as_str(),
+            generated_tokens = finished.outcome.as_ref().map_or(0, |o| o.generated_tokens),
+            "request finished"
+        );
+        let mut state = shared.lock_state();
+        state.running = None;
+        state.last_activity = Instant::now();
+        if let Some(outcome) = &finished.outcome {
+            state.last_decode_tokens_per_s = Some(outcome.decode_tokens_per_s);
+        }
+        drop(state);
+        // The receiver is gone only if its forwarding task is; nobody is left to tell.
+        let _ = job.events.blocking_send(Event::Finished(finished));
+    }
+}
+
+fn run_job(shared: &Shared, session: &mut Option<Session>, job: &Job) -> Finished {
+    let failed = |error: EngineError| {
+        tracing::error!(request = job.id, "generation failed: {error}");
+        Finished {
+            reason: EndReason::Error,
+            outcome: None,
+            error: Some(error.to_string()),
+        }
+    };
+    let session = match session {
+        Some(session) => session,
+        None => match shared.engine().and_then(|engine| engine.new_session()) {
+            Ok(new) => session.insert(new),
+            Err(error) => return failed(error),
+        },
+    };
+    let should_stop = || job.stop.load(Ordering::Acquire) != 0;
+    let mut on_text = |text: &str| {
+        // A closed receiver means nobody listens any more; the stop flag ends the work.
+        let _ = job.events.blocking_send(Event::Text(text.to_owned()));
+    };
+    match session.generate(&job.request, &should_stop, &mut on_text) {
+        Ok(outcome) => {
+            let reason = match outcome.reason {
+                FinishReason::Stop => EndReason::Stop,
+                FinishReason::Length => EndReason::Length,
+                FinishReason::Cancelled => EndReason::from_flag(job.stop.load(Ordering::Acquire))
+                    .unwrap_or(EndReason::Cancelled),
+            };
+            Finished {
+                reason,
+                outcome: Some(outcome),
+                error: None,
+            }
+        }
+        Err(error) => failed(error),
+    }
+}
+
+fn request_stop(flag: &AtomicU8, reason: EndReason) {
+    // The first reason wins: a shutdown after a cancel is still reported as the cancel.
+    let _ = flag.compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire);
+}
+
+/// Tells the clients of jobs that never ran that they ended. Their channels are empty (nothing
+/// was generated), so `try_send` cannot find them full.
+fn finish_unstarted(jobs: Vec<Job>, reason: EndReason) {
+    for job in jobs {
+        tracing::info!(
+            request = job.id,
+            client = %job.client,
+            reason = %reason.as_str(),
+            generated_tokens = 0,
+            "request finished"
+        );
+        let _ = job.events.try_send(Event::Finished(Finished {
+            reason,
+            outcome: None,
+            error: None,
+        }));
+    }
+}

@@ -1,0 +1,301 @@
+//! `marengod serve`: load the bundle, own `org.marengo.Llm1` on a bus, serve until SIGTERM.
+//!
+//! The order of the start is what systemd's `Type=notify` promises to others: the model is
+//! mapped and the name is owned before `READY=1`, so a client started after the daemon is
+//! ready never meets a missing name or a half-loaded model. A failure before that (bad config,
+//! bad bundle, name already taken) ends the process with a message naming the cause.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::signal::unix::{SignalKind, signal};
+use zbus::Connection;
+use zbus::connection::Builder;
+use zbus::fdo::DBusProxy;
+
+use crate::config::{BusChoice, Config, ConfigError, ConfigFile, default_config_path};
+use crate::dbus::{BUS_NAME, Llm1, ModelInfo, OBJECT_PATH, Streams};
+use crate::engine::{Engine, EngineError, EngineOptions};
+use crate::scheduler::{Scheduler, SchedulerOptions, StartError};
+use crate::systemd;
+
+/// How long a shutdown waits for the running generation to stop and the last `Finished`
+/// signals to be sent; systemd is promised an exit within 2 s of SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
+
+/// How often the status line is refreshed.
+const STATUS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Options of `marengod serve`; each overrides the same key of the settings file.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Settings file [default: /etc/marengo/marengod.toml; with --session,
+    /// $XDG_CONFIG_HOME/marengo/marengod.toml]. A missing default file means all defaults.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The model bundle directory (key `bundle`).
+    #[arg(long, value_name = "DIR")]
+    pub bundle: Option<PathBuf>,
+    /// Serve on the system bus (the default).
+    #[arg(long, conflicts_with_all = ["session", "address"])]
+    pub system: bool,
+    /// Serve on the user's session bus.
+    #[arg(long, conflicts_with = "address")]
+    pub session: bool,
+    /// Serve on the bus at this D-Bus address, e.g. unix:path=/run/marengo/bus.
+    #[arg(long, value_name = "ADDRESS")]
+    pub address: Option<String>,
+    /// Generation threads; 0 uses every core (key `threads`).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Requests that may wait over all clients before Busy (key `queue_length`, default 16).
+    #[arg(long, value_name = "N")]
+    pub queue_length: Option<usize>,
+    /// Requests one client may have waiting (key `max_queued_per_client`, default 8).
+    #[arg(long, value_name = "N")]
+    pub max_queued_per_client: Option<usize>,
+    /// max_tokens of a request that sets none (key `default_max_tokens`, default 512).
+    #[arg(long, value_name = "N")]
+    pub default_max_tokens: Option<u32>,
+    /// Unmap the model after this many idle seconds; 0 never (key `idle_unload_secs`).
+    #[arg(long, value_name = "SECONDS")]
+    pub idle_unload_secs: Option<u64>,
+    /// Check every bundle file's sha256 at load (slow for a 7B model; key `verify_hashes`).
+    #[arg(long)]
+    pub verify_hashes: bool,
+    /// error, warn, info, debug or trace (key `log_level`); RUST_LOG overrides it.
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot load the bundle {path}: {source}")]
+    Bundle { path: PathBuf, source: EngineError },
+    #[error("cannot start serving the bundle {path}: {source}")]
+    Start { path: PathBuf, source: StartError },
+    #[error("the model loading thread failed: {0}")]
+    LoadThread(#[from] tokio::task::JoinError),
+    #[error("cannot connect to the {bus}: {source}")]
+    Connect { bus: String, source: zbus::Error },
+    #[error("cannot own {BUS_NAME} on the {bus}: {source}")]
+    Name { bus: String, source: zbus::Error },
+    #[error("D-Bus failure: {0}")]
+    Bus(#[from] zbus::Error),
+    #[error("cannot start the async runtime or a signal handler: {0}")]
+    Runtime(#[from] std::io::Error),
+}
+
+impl ServeArgs {
+    fn overrides(&self) -> ConfigFile {
+        ConfigFile {
+            bundle: self.bundle.clone(),
+            bus: if self.system {
+                Some("system".into())
+            } else if self.session {
+                Some("session".into())
+            } else {
+                None
+            },
+            address: self.address.clone(),
+            threads: self.threads,
+            queue_capacity: self.queue_length,
+            max_queued_per_client: self.max_queued_per_client,
+            default_max_tokens: self.default_max_tokens,
+            idle_unload_secs: self.idle_unload_secs,
+            verify_hashes: self.verify_hashes.then_some(true),
+            log_level: self.log_level.clone(),
+        }
+    }
+}
+
+/// Reads the settings, sets up logging, and serves until SIGTERM or SIGINT.
+pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
+    let path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| default_config_path(args.session));
+    let config =
+        ConfigFile::read(&path, args.config.is_none())?.resolve(args.overrides(), &path)?;
+    systemd::init_logging(&config.log_level);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("marengod-bus")
+        .build()?
+        .block_on(serve(config))
+}
+
+async fn serve(config: Config) -> Result<(), ServeError> {
+    // Before anything slow, so that a SIGTERM during the load is not the default (abrupt) end.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+
+    let bus = bus_name(&config.bus);
+    tracing::info!(bundle = %config.bundle.display(), %bus, "loading the model");
+    systemd::notify_status("loading the model");
+    let scheduler = start_scheduler(&config).await?;
+    let model = {
+        let engine = scheduler.engine().map_err(|source| ServeError::Bundle {
+            path: config.bundle.clone(),
+            source,
+        })?;
+        ModelInfo {
+            name: engine.model_name().to_owned(),
+            context_length: u32::try_from(engine.context_length()).unwrap_or(u32::MAX),
+            quantization: engine.quantization(),
+        }
+    };
+
+    let streams = Arc::new(Streams::default());
+    let service = Llm1::new(
+        Arc::clone(&scheduler),
+        model.clone(),
+        config.default_max_tokens,
+        Arc::clone(&streams),
+    );
+    let builder = match &config.bus {
+        BusChoice::System => Builder::system(),
+        BusChoice::Session => Builder::session(),
+        BusChoice::Address(address) => Builder::address(address.as_str()),
+    };
+    let connection = builder
+        .serve_at(OBJECT_PATH, service)
+        .build()
+        .await
+        .map_err(|source| ServeError::Connect {
+            bus: bus.clone(),
+            source,
+        })?;
+    // Watch departures before owning the name, so that no client can leave unnoticed.
+    let departures = watch_departures(&connection, Arc::clone(&scheduler)).await?;
+    connection
+        .request_name(BUS_NAME)
+        .await
+        .map_err(|source| ServeError::Name {
+            bus: bus.clone(),
+            source,
+        })?;
+
+    tracing::info!(
+        model = %model.name,
+        quantization = %model.quantization,
+        context_length = model.context_length,
+        "serving {BUS_NAME} on the {bus}"
+    );
+    systemd::notify_ready(&format!("serving {} on the {bus}", model.name));
+    let status = tokio::spawn(report_status(Arc::clone(&scheduler)));
+    let watchdog = systemd::watchdog_interval().map(|every| tokio::spawn(feed_watchdog(every)));
+
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    systemd::notify_stopping();
+    status.abort();
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
+    let stopping = tokio::task::spawn_blocking(move || scheduler.shutdown());
+    let ended = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        // A panicked worker was logged by the scheduler; the streams still end below.
+        let _ = stopping.await;
+        streams.all_ended().await;
+    })
+    .await;
+    if ended.is_err() {
+        tracing::warn!("streams still open after {SHUTDOWN_GRACE:?}; exiting anyway");
+    }
+    departures.abort();
+    // Queued signals are written before the connection closes.
+    connection.graceful_shutdown().await;
+    Ok(())
+}
+
+async fn start_scheduler(config: &Config) -> Result<Arc<Scheduler>, ServeError> {
+    let bundle = config.bundle.clone();
+    let engine_options = EngineOptions {
+        threads: config.threads,
+        verify_hashes: config.verify_hashes,
+    };
+    let options = SchedulerOptions {
+        queue_capacity: config.queue_capacity,
+        max_queued_per_client: config.max_queued_per_client,
+        idle_unload: config.idle_unload_secs.map(Duration::from_secs),
+    };
+    let load_path = bundle.clone();
+    let loader = Box::new(move || Engine::load(&load_path, &engine_options));
+    tokio::task::spawn_blocking(move || Scheduler::start(loader, options))
+        .await?
+        .map(Arc::new)
+        .map_err(|source| ServeError::Start {
+            path: bundle,
+            source,
+        })
+}
+
+/// Cancels the requests of every client that leaves the bus. The bus announces each
+/// departure as `NameOwnerChanged(unique name, old owner, "")`.
+async fn watch_departures(
+    connection: &Connection,
+    scheduler: Arc<Scheduler>,
+) -> Result<tokio::task::JoinHandle<()>, ServeError> {
+    let mut changes = DBusProxy::new(connection)
+        .await?
+        .receive_name_owner_changed()
+        .await?;
+    Ok(tokio::spawn(async move {
+        while let Some(change) = changes.next().await {
+            let Ok(args) = change.args() else {
+                continue;
+            };
+            let name = args.name().as_str();
+            if name.starts_with(':') && args.new_owner().is_none() {
+                scheduler.client_gone(name);
+            }
+        }
+    }))
+}
+
+async fn report_status(scheduler: Arc<Scheduler>) {
+    let mut last = String::new();
+    let mut ticks = tokio::time::interval(STATUS_INTERVAL);
+    loop {
+        ticks.tick().await;
+        let status = scheduler.status();
+        let mut line = format!(
+            "{} waiting, {}",
+            status.waiting,
+            if status.running { "generating" } else { "idle" }
+        );
+        if let Some(speed) = status.last_decode_tokens_per_s {
+            line.push_str(&format!(", last decode {speed:.1} tokens/s"));
+        }
+        if !status.model_loaded {
+            line.push_str(", model unloaded");
+        }
+        if line != last {
+            systemd::notify_status(&line);
+            last = line;
+        }
+    }
+}
+
+async fn feed_watchdog(every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    loop {
+        ticks.tick().await;
+        systemd::notify_watchdog();
+    }
+}
+
+fn bus_name(bus: &BusChoice) -> String {
+    match bus {
+        BusChoice::System => "system bus".into(),
+        BusChoice::Session => "session bus".into(),
+        BusChoice::Address(address) => format!("bus at {address}"),
+    }
+}
