@@ -148,10 +148,16 @@ check "another user is refused by the bus" fails_with "Access denied" complete_a
 echo "memory after a request: $(rss "$(main_pid)")"
 
 # A session bus without a systemd user manager runs the activation file's Exec= line, which
-# reads the same /etc/marengo/marengod.toml.
+# reads the user's ~/.config/marengo/marengod.toml.
+session_activated() {
+    as bob env HOME=/home/bob sh -c '
+        mkdir -p ~/.config/marengo &&
+        echo "bundle = \"/var/lib/marengo/models/default\"" > ~/.config/marengo/marengod.toml &&
+        dbus-run-session -- busctl --user call org.marengo.Llm1 /org/marengo/Llm1 \
+            org.marengo.Llm1 Complete "sa{sv}" "Once upon a time" 1 max_tokens u 8'
+}
 check "a call on a session bus starts marengod --session through D-Bus activation" \
-    contains 'sa{sv} "' as bob dbus-run-session -- busctl --user call org.marengo.Llm1 \
-    /org/marengo/Llm1 org.marengo.Llm1 Complete 'sa{sv}' "Once upon a time" 1 max_tokens u 8
+    contains 'sa{sv} "' session_activated
 
 activated() {
     inside systemctl stop marengod.service
@@ -167,7 +173,7 @@ stopped_mid_generation() {
     inside timeout 60 busctl --system monitor --json=short org.marengo.Llm1 >"$work/monitor.json" 2>&1 &
     local monitor=$!
     sleep 0.5
-    as alice marengoctl --system generate --max-tokens 4000 "Once upon a time" \
+    as alice marengoctl --system generate --stats --max-tokens 4000 "Once upon a time" \
         >"$work/generate.out" 2>"$work/generate.err" &
     local client=$! i
     for i in $(seq 1 300); do
