@@ -66,7 +66,7 @@ fn tokenizer_matches_llama_cpp() {
         "the fixture was made from another GGUF"
     );
 
-    let rebuilt = GgufTokenizer::from_index(file.index()).unwrap();
+    let rebuilt = GgufTokenizer::from_metadata(&file.index().metadata).unwrap();
     let tokenizer = tokenizers::Tokenizer::from_bytes(rebuilt.json.as_bytes()).unwrap();
     let mut mismatches = Vec::new();
     for case in &fixture.cases {
@@ -97,7 +97,7 @@ fn tokenizer_matches_llama_cpp() {
 #[test]
 fn special_tokens_and_chat_template_come_from_metadata() {
     let file = GgufFile::open(&smollm2_gguf()).unwrap();
-    let rebuilt = GgufTokenizer::from_index(file.index()).unwrap();
+    let rebuilt = GgufTokenizer::from_metadata(&file.index().metadata).unwrap();
     let tokenizer = tokenizers::Tokenizer::from_bytes(rebuilt.json.as_bytes()).unwrap();
     assert_eq!(tokenizer.token_to_id("<|im_start|>"), Some(1));
     assert_eq!(tokenizer.token_to_id("<|im_end|>"), Some(2));

@@ -76,7 +76,7 @@ impl GgufCheckpoint {
         let file = GgufFile::open(path)?;
         let config = model_config(path, file.index())?;
         let tensors = map_tensors(path, file.index(), &config.architecture)?;
-        let tokenizer = GgufTokenizer::from_index(file.index()).map_err(|source| {
+        let tokenizer = GgufTokenizer::from_metadata(&file.index().metadata).map_err(|source| {
             GgufSourceError::Tokenizer {
                 path: path.to_owned(),
                 source,

@@ -16,7 +16,7 @@
 //! special tokens. The tokenizer is assembled through the crate's own types, so what is written
 //! is what the crate loads.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -35,7 +35,6 @@ use tokenizers::{
 };
 
 use super::pretokenizer;
-use super::reader::GgufIndex;
 use super::value::Value;
 
 /// llama.cpp token types (`tokenizer.ggml.token_type`).
@@ -114,8 +113,9 @@ struct Vocab<'a> {
 }
 
 impl GgufTokenizer {
-    /// Builds the tokenizer described by `index`'s `tokenizer.*` metadata.
-    pub fn from_index(index: &GgufIndex) -> Result<Self, TokenizerError> {
+    /// Builds the tokenizer described by the `tokenizer.*` keys of a GGUF file's metadata.
+    pub fn from_metadata(metadata: &BTreeMap<String, Value>) -> Result<Self, TokenizerError> {
+        let index = &Metadata(metadata);
         let model = string(index, "tokenizer.ggml.model")?
             .ok_or(TokenizerError::Missing("tokenizer.ggml.model"))?;
         let tokens = index
@@ -179,7 +179,7 @@ impl GgufTokenizer {
 }
 
 /// `gpt2`: byte-level BPE. Returns the tokenizer and llama.cpp's default for adding BOS.
-fn byte_level_bpe(index: &GgufIndex, vocab: &Vocab) -> Result<(Tokenizer, bool), TokenizerError> {
+fn byte_level_bpe(index: &Metadata, vocab: &Vocab) -> Result<(Tokenizer, bool), TokenizerError> {
     let pre_name = string(index, "tokenizer.ggml.pre")?.unwrap_or("default");
     let rules = pretokenizer::rules(pre_name)
         .ok_or_else(|| TokenizerError::UnsupportedPreTokenizer(pre_name.to_owned()))?;
@@ -230,10 +230,7 @@ fn byte_level_bpe(index: &GgufIndex, vocab: &Vocab) -> Result<(Tokenizer, bool),
 }
 
 /// `llama`: sentencepiece-style BPE with byte fallback; llama.cpp adds BOS by default.
-fn sentencepiece_bpe(
-    index: &GgufIndex,
-    vocab: &Vocab,
-) -> Result<(Tokenizer, bool), TokenizerError> {
+fn sentencepiece_bpe(index: &Metadata, vocab: &Vocab) -> Result<(Tokenizer, bool), TokenizerError> {
     let scores = index
         .get("tokenizer.ggml.scores")
         .ok_or(TokenizerError::Missing("tokenizer.ggml.scores"))?;
@@ -383,6 +380,15 @@ fn bos_eos_template(
         .map_err(build_error)
 }
 
+/// The metadata map, looked up by key.
+struct Metadata<'a>(&'a BTreeMap<String, Value>);
+
+impl<'a> Metadata<'a> {
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.0.get(key)
+    }
+}
+
 fn wrong_type(key: &'static str, expected: &'static str, found: &Value) -> TokenizerError {
     TokenizerError::WrongType {
         key,
@@ -399,14 +405,14 @@ fn check_len(key: &'static str, len: usize, vocab: usize) -> Result<(), Tokenize
     }
 }
 
-fn string<'a>(index: &'a GgufIndex, key: &'static str) -> Result<Option<&'a str>, TokenizerError> {
+fn string<'a>(index: &Metadata<'a>, key: &'static str) -> Result<Option<&'a str>, TokenizerError> {
     index
         .get(key)
         .map(|v| v.as_str().ok_or_else(|| wrong_type(key, "string", v)))
         .transpose()
 }
 
-fn boolean(index: &GgufIndex, key: &'static str) -> Result<Option<bool>, TokenizerError> {
+fn boolean(index: &Metadata, key: &'static str) -> Result<Option<bool>, TokenizerError> {
     index
         .get(key)
         .map(|v| v.as_bool().ok_or_else(|| wrong_type(key, "bool", v)))
@@ -414,7 +420,7 @@ fn boolean(index: &GgufIndex, key: &'static str) -> Result<Option<bool>, Tokeniz
 }
 
 fn token_id(
-    index: &GgufIndex,
+    index: &Metadata,
     key: &'static str,
     vocab: usize,
 ) -> Result<Option<u32>, TokenizerError> {
@@ -433,6 +439,129 @@ fn token_id(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gguf::Array;
+
+    /// A sentencepiece-style vocabulary: unk, bos, eos, 256 byte tokens, then pieces whose scores
+    /// make `ab` merge before `▁a`.
+    fn spm_metadata() -> BTreeMap<String, Value> {
+        let mut tokens = vec!["<unk>".to_owned(), "<s>".into(), "</s>".into()];
+        let mut types = vec![TYPE_UNKNOWN, TYPE_CONTROL, TYPE_CONTROL];
+        let mut scores = vec![0f32; 3];
+        for b in 0..=255u8 {
+            tokens.push(format!("<0x{b:02X}>"));
+            types.push(6);
+            scores.push(0.0);
+        }
+        for (piece, score) in [
+            ("▁", -1.0),
+            ("a", -2.0),
+            ("b", -3.0),
+            ("▁a", -5.0),
+            ("ab", -0.5),
+            ("▁ab", -0.2),
+        ] {
+            tokens.push(piece.to_owned());
+            types.push(TYPE_NORMAL);
+            scores.push(score);
+        }
+        let types = types.into_iter().map(|t| t as i32).collect();
+        BTreeMap::from([
+            (
+                "tokenizer.ggml.model".to_owned(),
+                Value::String("llama".into()),
+            ),
+            (
+                "tokenizer.ggml.tokens".to_owned(),
+                Value::Array(Array::String(tokens)),
+            ),
+            (
+                "tokenizer.ggml.token_type".to_owned(),
+                Value::Array(Array::I32(types)),
+            ),
+            (
+                "tokenizer.ggml.scores".to_owned(),
+                Value::Array(Array::F32(scores)),
+            ),
+            ("tokenizer.ggml.bos_token_id".to_owned(), Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id".to_owned(), Value::U32(2)),
+            ("tokenizer.ggml.unknown_token_id".to_owned(), Value::U32(0)),
+        ])
+    }
+
+    fn load(rebuilt: &GgufTokenizer) -> Tokenizer {
+        Tokenizer::from_bytes(rebuilt.json.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn sentencepiece_merges_follow_scores_and_fall_back_to_bytes() {
+        let rebuilt = GgufTokenizer::from_metadata(&spm_metadata()).unwrap();
+        assert!(
+            rebuilt.special.add_bos,
+            "llama.cpp adds BOS for sentencepiece by default"
+        );
+        let tokenizer = load(&rebuilt);
+        let id = |t: &str| tokenizer.token_to_id(t).unwrap();
+        let ids = tokenizer.encode("ab", true).unwrap().get_ids().to_vec();
+        assert_eq!(ids, vec![1, id("▁ab")]);
+        // "é" is not a piece: its two UTF-8 bytes come out as byte tokens.
+        let ids = tokenizer.encode("é", false).unwrap().get_ids().to_vec();
+        assert_eq!(ids, vec![id("▁"), 3 + 0xC3, 3 + 0xA9]);
+        let ids = tokenizer
+            .encode("ab</s>a", false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert_eq!(ids, vec![id("▁ab"), 2, id("▁a")]);
+        assert_eq!(
+            tokenizer
+                .decode(&[1, id("▁ab"), 3 + 0xC3, 3 + 0xA9], true)
+                .unwrap(),
+            "abé"
+        );
+    }
+
+    #[test]
+    fn add_bos_and_add_eos_follow_the_metadata() {
+        let mut metadata = spm_metadata();
+        metadata.insert("tokenizer.ggml.add_bos_token".into(), Value::Bool(false));
+        metadata.insert("tokenizer.ggml.add_eos_token".into(), Value::Bool(true));
+        let tokenizer = load(&GgufTokenizer::from_metadata(&metadata).unwrap());
+        let ids = tokenizer.encode("ab", true).unwrap().get_ids().to_vec();
+        assert_eq!(ids, vec![tokenizer.token_to_id("▁ab").unwrap(), 2]);
+    }
+
+    #[test]
+    fn unknown_models_and_pre_tokenizers_are_named() {
+        let mut metadata = spm_metadata();
+        metadata.insert("tokenizer.ggml.model".into(), Value::String("bert".into()));
+        let err = GgufTokenizer::from_metadata(&metadata).unwrap_err();
+        assert!(
+            matches!(err, TokenizerError::UnsupportedModel(ref m) if m == "bert"),
+            "{err}"
+        );
+
+        metadata.insert("tokenizer.ggml.model".into(), Value::String("gpt2".into()));
+        metadata.insert(
+            "tokenizer.ggml.pre".into(),
+            Value::String("nonesuch".into()),
+        );
+        metadata.insert(
+            "tokenizer.ggml.merges".into(),
+            Value::Array(Array::String(vec![])),
+        );
+        let err = GgufTokenizer::from_metadata(&metadata).unwrap_err();
+        assert!(err.to_string().contains("nonesuch"), "{err}");
+
+        let mut metadata = spm_metadata();
+        metadata.insert("tokenizer.ggml.eos_token_id".into(), Value::U32(10_000));
+        let err = GgufTokenizer::from_metadata(&metadata).unwrap_err();
+        assert!(err.to_string().contains("eos_token_id"), "{err}");
+        metadata.remove("tokenizer.ggml.tokens");
+        assert!(matches!(
+            GgufTokenizer::from_metadata(&metadata),
+            Err(TokenizerError::Missing("tokenizer.ggml.tokens"))
+        ));
+    }
 
     #[test]
     fn merges_split_at_the_first_inner_space() {
