@@ -167,28 +167,22 @@ activated() {
 }
 check "a call starts the stopped service through D-Bus activation" activated
 
-# marengoctl, as alice, keeps a long generation streaming while root watches the bus
-# (root may monitor) for the Finished signal sent to her.
+# marengoctl, the packaged client, streams a long generation as alice; with --stats it prints
+# the reason of the Finished signal it receives.
 stopped_mid_generation() {
-    inside timeout 60 busctl --system monitor --json=short org.marengo.Llm1 >"$work/monitor.json" 2>&1 &
-    local monitor=$!
-    sleep 0.5
     as alice marengoctl --system generate --stats --max-tokens 4000 "Once upon a time" \
         >"$work/generate.out" 2>"$work/generate.err" &
-    local client=$! i
+    local client=$! i status=0
     for i in $(seq 1 300); do
         [[ ! -s "$work/generate.out" ]] || break
         sleep 0.1
     done
-    [[ -s "$work/generate.out" ]] || { echo "no tokens within 30 s"; cat "$work/generate.err"; return 1; }
+    [[ -s "$work/generate.out" ]] || { echo "no text within 30 s"; cat "$work/generate.err"; return 1; }
     inside systemctl stop marengod.service
-    local status=0
     wait "$client" || status=$?
-    kill "$monitor" 2>/dev/null || true
-    wait "$monitor" 2>/dev/null || true
-    echo "marengoctl exited with $status; stderr: $(cat "$work/generate.err")"
-    grep '"Finished"' "$work/monitor.json" || { echo "no Finished signal seen"; return 1; }
-    grep '"Finished"' "$work/monitor.json" | grep -q '"shutdown"'
+    echo "marengoctl exited with $status after $(wc -c < "$work/generate.out") bytes of text"
+    cat "$work/generate.err"
+    grep -q '^reason=shutdown' "$work/generate.err"
 }
 check "systemctl stop mid-generation ends the stream with reason shutdown" stopped_mid_generation
 
