@@ -53,7 +53,10 @@ fi
 export RUSTC=/usr/bin/rustc
 export RUSTDOC=/usr/bin/rustdoc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
-export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L $sysroot"
+# The loader and libc must come from the same package: libc6-arm64-cross's ld.so with the
+# multiarch libc6:arm64 (pulled in by libstd-rust-web-dev:arm64, a different build) hangs in
+# pthread_create, so the library path is pinned to the cross sysroot too.
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L $sysroot -E LD_LIBRARY_PATH=$sysroot/lib"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}"
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar

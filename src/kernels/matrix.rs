@@ -86,7 +86,8 @@ impl<'a> Fp8Matrix<'a> {
         let scales_per_row = match block {
             None => 1,
             Some(block) => {
-                if block == 0 || block % BLOCK_GRANULE != 0 || cols % block != 0 {
+                if block == 0 || !block.is_multiple_of(BLOCK_GRANULE) || !cols.is_multiple_of(block)
+                {
                     return Err(KernelError::Block { block, cols });
                 }
                 cols / block
