@@ -6,6 +6,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
+# The cross toolchain's loader and libc, from one package (see .ci/aarch64.sh).
 sysroot=/usr/aarch64-linux-gnu
 programs=(marengod marengoctl marengo-export)
 arm64="$(deb_of arm64)"
@@ -37,7 +38,7 @@ dpkg-deb -x "$arm64" "$work"
 for p in "${programs[@]}"; do
     check "$p is an aarch64 ELF executable" contains "ARM aarch64" file -L "$work/usr/bin/$p"
     check "$p --help runs under qemu-aarch64" contains "Usage:" \
-        qemu-aarch64 -L "$sysroot" "$work/usr/bin/$p" --help
+        qemu-aarch64 -L "$sysroot" -E LD_LIBRARY_PATH="$sysroot/lib" "$work/usr/bin/$p" --help
 done
 
 finished
