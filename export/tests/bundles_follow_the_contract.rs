@@ -282,3 +282,55 @@ fn llama_tied_f32_single_file() {
         err > 0.0 && err < 0.05
     }));
 }
+
+#[test]
+fn chat_template_and_special_tokens_come_from_the_checkpoint() {
+    let dir = scratch_dir("contract_chat");
+    let checkpoint = dir.join("checkpoint");
+    tiny_checkpoint("mistral-gqa", &checkpoint, &["--dtype", "bf16"]);
+    let tokenizer_config = repo_root().join("tests/fixtures/mistral-7b-v0.1/tokenizer_config.json");
+    std::fs::copy(&tokenizer_config, checkpoint.join("tokenizer_config.json")).unwrap();
+    // No ids in the model configs: they must come from the tokenizer's own token texts.
+    std::fs::remove_file(checkpoint.join("generation_config.json")).unwrap();
+    let config_path = checkpoint.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let object = config.as_object_mut().unwrap();
+    object.remove("bos_token_id");
+    object.remove("eos_token_id");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+
+    let bundle = dir.join("bundle");
+    convert(&checkpoint, &bundle, &[]);
+    let manifest = Bundle::open(&bundle).unwrap().manifest().clone();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tokenizer_config).unwrap()).unwrap();
+    assert_eq!(
+        manifest.chat_template.as_deref(),
+        expected["chat_template"].as_str()
+    );
+    // <s>, </s>, <unk> in the Mistral vocabulary.
+    assert_eq!(manifest.special_tokens.bos, Some(1));
+    assert_eq!(manifest.special_tokens.eos, vec![2]);
+    assert_eq!(manifest.special_tokens.unk, Some(0));
+    let sources: Vec<_> = manifest
+        .provenance
+        .sources
+        .iter()
+        .map(|s| {
+            Path::new(&s.path)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    assert!(
+        sources.contains(&"tokenizer_config.json".to_owned()),
+        "{sources:?}"
+    );
+    assert!(
+        sources.contains(&"model.safetensors".to_owned()),
+        "{sources:?}"
+    );
+}
