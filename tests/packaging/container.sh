@@ -114,7 +114,7 @@ inside cp -r /mnt/marengo-test/bundle /var/lib/marengo/models/default
 inside usermod -a -G marengo alice
 
 started() {
-    inside systemctl start marengod.service || { inside journalctl -u marengod --no-pager; return 1; }
+    inside timeout 120 systemctl start marengod.service || { inside journalctl -u marengod --no-pager; return 1; }
     inside systemctl show -p ActiveState -p SubState -p Type -p NotifyAccess -p StatusText marengod
     [[ "$(inside systemctl is-active marengod.service)" == active ]]
 }
