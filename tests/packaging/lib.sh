@@ -14,16 +14,17 @@ finished() {
 }
 
 # check NAME CMD...: runs CMD, records and prints whether it succeeded.
+# (Its locals have odd names: bash scoping is dynamic, CMD sees them.)
 check() {
-    local name="$1" out
+    local check_name="$1" check_output
     shift
-    if out="$("$@" 2>&1)"; then
-        echo "ok - $name"
-        echo "pass $name" >> "$PACKAGING_RESULTS"
+    if check_output="$("$@" 2>&1)"; then
+        echo "ok - $check_name"
+        echo "pass $check_name" >> "$PACKAGING_RESULTS"
     else
-        echo "FAIL - $name"
-        printf '%s\n' "$out" | sed 's/^/    /'
-        echo "fail $name" >> "$PACKAGING_RESULTS"
+        echo "FAIL - $check_name"
+        printf '%s\n' "$check_output" | sed 's/^/    /'
+        echo "fail $check_name" >> "$PACKAGING_RESULTS"
     fi
 }
 

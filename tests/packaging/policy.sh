@@ -11,7 +11,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 marengod="${MARENGOD:-$repo/target/release/marengod}"
 caller=marengo-test-caller
 stranger=marengo-test-stranger
-name=org.marengo.Llm1
+bus_name=org.marengo.Llm1
 
 work="$(mktemp -d)"
 # The daemon and the clients run as other users: they need to reach the socket and the bundle.
@@ -79,15 +79,15 @@ bus_call() {
         org.freedesktop.DBus "$@"
 }
 
-check "user marengo may own $name" contains "u 1" as marengo \
+check "user marengo may own $bus_name" contains "u 1" as marengo \
     busctl --address="$address" call org.freedesktop.DBus /org/freedesktop/DBus \
-    org.freedesktop.DBus RequestName su "$name" 0
-check "another user may not own $name" fails_with "Access denied" as "$stranger" \
+    org.freedesktop.DBus RequestName su "$bus_name" 0
+check "another user may not own $bus_name" fails_with "Access denied" as "$stranger" \
     busctl --address="$address" call org.freedesktop.DBus /org/freedesktop/DBus \
-    org.freedesktop.DBus RequestName su "$name" 0
-check "group marengo alone does not let a caller own $name" fails_with "Access denied" \
+    org.freedesktop.DBus RequestName su "$bus_name" 0
+check "group marengo alone does not let a caller own $bus_name" fails_with "Access denied" \
     as "$caller" busctl --address="$address" call org.freedesktop.DBus /org/freedesktop/DBus \
-    org.freedesktop.DBus RequestName su "$name" 0
+    org.freedesktop.DBus RequestName su "$bus_name" 0
 
 "$repo/tests/packaging/tiny-bundle.sh" "$work/bundle" >/dev/null
 chmod -R a+rX "$work/bundle"
@@ -97,21 +97,21 @@ daemon_pid=$!
 name_owned() {
     local i
     for i in $(seq 1 300); do
-        if bus_call NameHasOwner s "$name" 2>/dev/null | grep -q true; then
+        if bus_call NameHasOwner s "$bus_name" 2>/dev/null | grep -q true; then
             return 0
         fi
         kill -0 "$daemon_pid" 2>/dev/null || { cat "$work/daemon.log"; return 1; }
         sleep 0.1
     done
-    echo "marengod did not own $name within 30 s"
+    echo "marengod did not own $bus_name within 30 s"
     cat "$work/daemon.log"
     return 1
 }
-check "marengod, run as marengo, owns $name" name_owned
+check "marengod, run as marengo, owns $bus_name" name_owned
 
 complete_as() {
     local user="$1"
-    as "$user" busctl --address="$address" call "$name" /org/marengo/Llm1 org.marengo.Llm1 \
+    as "$user" busctl --address="$address" call "$bus_name" /org/marengo/Llm1 org.marengo.Llm1 \
         Complete 'sa{sv}' "Hello" 1 max_tokens u 3
 }
 check "root gets an answer" contains 'sa{sv} "' complete_as root
@@ -119,7 +119,7 @@ check "a member of the group marengo gets an answer" contains 'sa{sv} "' complet
 check "another user is refused by the bus" fails_with "Access denied" \
     complete_as "$stranger"
 check "another user cannot read properties either" fails_with "Access denied" \
-    as "$stranger" busctl --address="$address" get-property "$name" /org/marengo/Llm1 \
+    as "$stranger" busctl --address="$address" get-property "$bus_name" /org/marengo/Llm1 \
     org.marengo.Llm1 Version
 
 finished
