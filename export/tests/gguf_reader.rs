@@ -273,6 +273,21 @@ fn tensor_defects_are_named() {
 }
 
 #[test]
+fn empty_and_missing_files_are_errors_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.gguf");
+    std::fs::write(&empty, b"").unwrap();
+    let err = GgufFile::open(&empty)
+        .err()
+        .expect("an empty file is not GGUF");
+    assert!(err.to_string().contains("empty.gguf"), "{err}");
+    let err = GgufFile::open(&dir.path().join("absent.gguf"))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("absent.gguf"), "{err}");
+}
+
+#[test]
 fn every_truncation_of_a_real_file_is_an_error() {
     let bytes = fixture_bytes();
     let index = GgufIndex::parse(&bytes).unwrap();
