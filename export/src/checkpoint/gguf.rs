@@ -109,11 +109,6 @@ impl GgufCheckpoint {
         })
     }
 
-    /// The GGUF element type a HF tensor is stored in, for reports.
-    pub fn stored_type(&self, hf_name: &str) -> Option<GgmlType> {
-        self.mapping(hf_name).map(|m| m.gguf.ty)
-    }
-
     fn mapping(&self, hf_name: &str) -> Option<&Mapping> {
         self.tensors.iter().find(|m| m.hf_name == hf_name)
     }

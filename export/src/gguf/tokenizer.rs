@@ -15,6 +15,10 @@
 //! tokens: both are cut out of the text before the model runs, as llama.cpp does when it parses
 //! special tokens. The tokenizer is assembled through the crate's own types, so what is written
 //! is what the crate loads.
+//!
+//! Both paths are checked against llama.cpp's own tokenization: `gpt2` on SmolLM2's GGUF
+//! (`tests/fixtures/smollm2/`), `llama` on Mistral-7B v0.1's vocabulary
+//! (`tests/fixtures/gguf/spm_tokenization.json`).
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -3,8 +3,6 @@
 //! Arrays keep their element type (`Vec<u32>`, `Vec<String>`, …) rather than a `Vec<Value>`, so a
 //! file of N array elements costs about N elements of memory, not N enum-sized cells.
 
-use std::fmt;
-
 /// One metadata value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -178,32 +176,6 @@ impl Array {
             Array::Bool(_) => "array of bool",
             Array::String(_) => "array of string",
             Array::Array(_) => "array of array",
-        }
-    }
-}
-
-/// Short, bounded rendering for logs and `--verbose`: long arrays and strings are elided.
-impl fmt::Display for Value {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const MAX: usize = 60;
-        match self {
-            Value::String(s) if s.chars().count() > MAX => {
-                let head: String = s.chars().take(MAX).collect();
-                write!(f, "{head:?}…")
-            }
-            Value::String(s) => write!(f, "{s:?}"),
-            Value::Array(a) => write!(f, "[{}; {}]", a.type_name(), a.len()),
-            Value::U8(v) => write!(f, "{v}"),
-            Value::I8(v) => write!(f, "{v}"),
-            Value::U16(v) => write!(f, "{v}"),
-            Value::I16(v) => write!(f, "{v}"),
-            Value::U32(v) => write!(f, "{v}"),
-            Value::I32(v) => write!(f, "{v}"),
-            Value::U64(v) => write!(f, "{v}"),
-            Value::I64(v) => write!(f, "{v}"),
-            Value::F32(v) => write!(f, "{v}"),
-            Value::F64(v) => write!(f, "{v}"),
-            Value::Bool(v) => write!(f, "{v}"),
         }
     }
 }
