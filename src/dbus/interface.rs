@@ -303,7 +303,8 @@ impl Llm1 {
         self.model.context_length
     }
 
-    /// How the weights are stored: fp8_e4m3fn, f16 or f32.
+    /// How the weights are stored: fp8_e4m3fn (fp8_e4m3fn/blockN with per-block scales), f16
+    /// or f32.
     #[zbus(property(emits_changed_signal = "const"))]
     fn quantization(&self) -> String {
         self.model.quantization.clone()
