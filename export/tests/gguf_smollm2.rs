@@ -7,8 +7,11 @@
 
 use std::path::PathBuf;
 
+use marengo::bundle::Bundle;
+use marengo::bundle::manifest::QuantKind;
 use marengo_export::checkpoint::CheckpointSource;
 use marengo_export::checkpoint::gguf::GgufCheckpoint;
+use marengo_export::convert::{ConvertOptions, convert};
 use marengo_export::gguf::GgufFile;
 use marengo_export::gguf::tokenizer::GgufTokenizer;
 use serde::Deserialize;
@@ -163,6 +166,45 @@ fn checkpoint_reads_as_hf_llama() {
     assert!(tokenizers::Tokenizer::from_file(&json).is_ok());
     assert_eq!(tok.eos, vec![2]);
     assert!(tok.chat_template.is_some());
+}
+
+#[test]
+fn gguf_exports_to_an_fp8_bundle() {
+    let gguf = smollm2_gguf();
+    let source = GgufCheckpoint::open(&gguf).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("smollm2");
+    convert(
+        &source,
+        &ConvertOptions {
+            out: out.clone(),
+            kind: QuantKind::Fp8E4m3fn,
+            block: None,
+            context_length: Some(512),
+            force: false,
+            command_line: vec!["test".into()],
+        },
+    )
+    .unwrap();
+    let bundle = Bundle::open(&out).unwrap();
+    let manifest = bundle.manifest();
+    assert_eq!(manifest.architecture.context_length, 512);
+    assert!(manifest.architecture.tie_word_embeddings);
+    assert_eq!(manifest.special_tokens.eos, vec![2]);
+    assert!(
+        manifest
+            .chat_template
+            .as_deref()
+            .is_some_and(|t| t.contains("<|im_start|>"))
+    );
+    let sources = &manifest.provenance.sources;
+    assert_eq!(sources.len(), 1);
+    assert_eq!(
+        sources[0].sha256,
+        sha256_hex(&std::fs::read(&gguf).unwrap())
+    );
+    let tokenizer = tokenizers::Tokenizer::from_file(bundle.tokenizer_path()).unwrap();
+    assert_eq!(tokenizer.token_to_id("<|im_end|>"), Some(2));
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
