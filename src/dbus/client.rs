@@ -58,7 +58,8 @@ pub trait Llm1 {
     #[zbus(property)]
     fn quantization(&self) -> zbus::Result<String>;
 
-    #[zbus(property)]
+    /// Never cached: the service does not announce its changes.
+    #[zbus(property(emits_changed_signal = "false"))]
     fn queue_length(&self) -> zbus::Result<u32>;
 
     #[zbus(property)]
