@@ -335,7 +335,9 @@ fn parse_and_read(bytes: &[u8]) {
 /// Deterministic in CI (fixed seed, a few hundred cases); `PROPTEST_CASES=N` runs more and
 /// `PROPTEST_RNG_SEED=S` explores elsewhere, for bounded fuzzing sessions by hand.
 fn fuzz_config() -> Config {
-    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
+    fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
+        std::env::var(name).ok().and_then(|v| v.parse().ok())
+    }
     Config {
         cases: env("PROPTEST_CASES").unwrap_or(512),
         rng_seed: RngSeed::Fixed(env("PROPTEST_RNG_SEED").unwrap_or(0x6767_7566)),
