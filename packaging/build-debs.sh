@@ -33,7 +33,8 @@ build_arm64() {
 # help2man runs the amd64 binaries; the arm64 ones print the same text. Each subcommand's
 # --help becomes a section of its own, so the page holds every option.
 man_pages() {
-    local man="$target_dir/man" bin="$target_dir/release"
+    # Where Cargo.toml's assets name them, whatever CARGO_TARGET_DIR is.
+    local man="$repo/target/man" bin="$target_dir/release"
     mkdir -p "$man"
     man_page "$bin/marengod" 8 "on-device text generation service over D-Bus" \
         "$repo/packaging/man/marengod.h2m" > "$man/marengod.8"
