@@ -5,7 +5,7 @@
 # A second run reuses the build and the bundle.
 #
 #   ./demo.sh                       chat on the terminal (Ctrl-D ends)
-#   ./demo.sh "What is the capital of France?"   one question, the answer streamed
+#   ./demo.sh "What is the capital of Germany?"   one question, the answer streamed
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

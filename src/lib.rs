@@ -6,6 +6,7 @@
 
 pub mod bundle;
 pub mod onnx_proto;
+pub mod memory;
 
 #[cfg(feature = "engine")]
 pub mod kernels;
@@ -15,3 +16,19 @@ pub mod chat;
 pub mod sampler;
 #[cfg(feature = "engine")]
 pub mod tokenizer;
+#[cfg(feature = "engine")]
+pub mod engine;
+#[cfg(feature = "engine")]
+pub mod model;
+#[cfg(feature = "engine")]
+pub mod session;
+#[cfg(feature = "engine")]
+pub mod scheduler;
+#[cfg(feature = "engine")]
+pub mod config;
+#[cfg(feature = "engine")]
+pub mod systemd;
+#[cfg(feature = "engine")]
+pub mod dbus;
+#[cfg(feature = "engine")]
+pub mod serve;

@@ -1,0 +1,201 @@
+//! `marengo-bench`: how close decoding comes to the machine's memory-bandwidth limit.
+//!
+//! Decode is a chain of matrix-vector products over every weight, so its ceiling is
+//! (bytes of weights read per token) ÷ (memory read bandwidth). The benchmark measures
+//! both in the same run, prefill and decode speeds (decode at a short and a long position,
+//! which shows whether the KV cache is copied per token), resident memory split into
+//! anonymous and file-backed, and, when given a llama.cpp `llama-bench` and a GGUF of the
+//! same shape, llama.cpp's figures from the same machine and thread count.
+//!
+//! A benchmark prints figures; it asserts nothing.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use marengo::bundle::manifest::Manifest;
+use marengo::engine::{Engine, EngineOptions};
+use marengo::memory::MemoryUsage;
+
+#[derive(Parser)]
+#[command(name = "marengo-bench", version, about = "Prefill/decode speed against the memory-bandwidth limit")]
+struct Args {
+    /// The bundle directory.
+    #[arg(long)]
+    bundle: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Tokens decoded at each position.
+    #[arg(long, default_value_t = 16)]
+    decode_tokens: usize,
+    /// The short decode position.
+    #[arg(long, default_value_t = 100)]
+    short_position: usize,
+    /// The long decode position (0 skips it).
+    #[arg(long, default_value_t = 3000)]
+    long_position: usize,
+    /// Bytes read to measure the memory read bandwidth.
+    #[arg(long, default_value_t = 1 << 30)]
+    bandwidth_bytes: usize,
+    /// llama.cpp's `llama-bench`, for a side-by-side run.
+    #[arg(long, requires = "llama_model")]
+    llama_bench: Option<PathBuf>,
+    /// The GGUF (e.g. Q8_0 of the same shape) for `llama-bench`.
+    #[arg(long, requires = "llama_bench")]
+    llama_model: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let start = Instant::now();
+    let engine = Engine::load(&args.bundle, &EngineOptions { threads: Some(args.threads), verify_hashes: false })
+        .with_context(|| format!("loading {}", args.bundle.display()))?;
+    let load_s = start.elapsed().as_secs_f64();
+    let manifest = engine.manifest();
+    let vocab = manifest.architecture.vocab_size as u32;
+    let context = manifest.architecture.context_length;
+    let bytes_per_token = weight_bytes_per_token(manifest);
+    let idle = MemoryUsage::current().unwrap_or_default();
+
+    let bandwidth = marengo::kernels::measure_read_bandwidth(args.bandwidth_bytes);
+
+    let mut tokens = Lcg(0x5eed);
+    let prompt: Vec<u32> = (0..args.prompt_tokens).map(|_| tokens.next(vocab)).collect();
+    let mut session = engine.new_model_session()?;
+    let t = Instant::now();
+    session.feed(&prompt)?;
+    let prefill = args.prompt_tokens as f64 / t.elapsed().as_secs_f64();
+
+    session.reset()?;
+    let warm: Vec<u32> = (0..args.short_position).map(|_| tokens.next(vocab)).collect();
+    session.feed(&warm)?;
+    let decode_short = decode(&mut session, &mut tokens, vocab, args.decode_tokens)?;
+
+    let decode_long = if args.long_position > 0 {
+        if args.long_position + args.decode_tokens > context {
+            bail!("--long-position {} + decode tokens exceed the context of {context}", args.long_position);
+        }
+        let fill: Vec<u32> = (session.cached().len()..args.long_position).map(|_| tokens.next(vocab)).collect();
+        session.feed(&fill)?;
+        Some(decode(&mut session, &mut tokens, vocab, args.decode_tokens)?)
+    } else {
+        None
+    };
+    let memory = MemoryUsage::current().unwrap_or_default();
+
+    let fraction = bytes_per_token as f64 * decode_short / bandwidth;
+    println!("bundle                {}", args.bundle.display());
+    println!("quantization          {}", engine.quantization());
+    println!("threads               {}", args.threads);
+    println!("load (start→ready)    {load_s:.3} s");
+    println!("weights read / token  {:.1} MB", bytes_per_token as f64 / 1e6);
+    println!("read bandwidth        {:.2} GB/s", bandwidth / 1e9);
+    println!("decode ceiling        {:.2} tok/s", bandwidth / bytes_per_token as f64);
+    println!("prefill               {prefill:.2} tok/s ({} tokens)", args.prompt_tokens);
+    println!("decode @{:<5}         {decode_short:.2} tok/s = {:.3} of bandwidth", args.short_position, fraction);
+    if let Some(long) = decode_long {
+        println!("decode @{:<5}         {long:.2} tok/s", args.long_position);
+    }
+    println!("RSS idle (mapped)     anon {:.1} MiB, file {:.1} MiB", mib(idle.anonymous), mib(idle.file));
+    println!("RSS after run         anon {:.1} MiB, file {:.1} MiB", mib(memory.anonymous), mib(memory.file));
+
+    let mut report = serde_json::json!({
+        "load_s": load_s,
+        "threads": args.threads,
+        "weight_bytes_per_token": bytes_per_token,
+        "read_bandwidth_bytes_per_s": bandwidth,
+        "prefill_tokens_per_s": prefill,
+        "decode_tokens_per_s": decode_short,
+        "decode_position": args.short_position,
+        "decode_fraction_of_bandwidth": fraction,
+        "decode_long_tokens_per_s": decode_long,
+        "decode_long_position": args.long_position,
+        "anon_rss_bytes": memory.anonymous,
+        "file_rss_bytes": memory.file,
+    });
+    if let (Some(bench), Some(model)) = (&args.llama_bench, &args.llama_model) {
+        let (pp, tg) = llama_bench(bench, model, args.threads, args.prompt_tokens, args.decode_tokens)?;
+        println!("llama.cpp prefill     {pp:.2} tok/s → marengo/llama.cpp {:.2}", prefill / pp);
+        println!("llama.cpp decode      {tg:.2} tok/s → marengo/llama.cpp {:.2}", decode_short / tg);
+        report["llama_cpp_prefill_tokens_per_s"] = pp.into();
+        report["llama_cpp_decode_tokens_per_s"] = tg.into();
+    }
+    println!("{report}");
+    Ok(())
+}
+
+fn decode(
+    session: &mut marengo::session::Session,
+    tokens: &mut Lcg,
+    vocab: u32,
+    count: usize,
+) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    for _ in 0..count {
+        session.feed(&[tokens.next(vocab)])?;
+    }
+    Ok(count as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Bytes a decode step reads: every weight except the embedding table, of which it reads
+/// one row (a tied table is read whole as the LM head), and the rotary caches, of which it
+/// reads one row.
+fn weight_bytes_per_token(manifest: &Manifest) -> u64 {
+    let arch = &manifest.architecture;
+    manifest
+        .tensors
+        .iter()
+        .map(|t| {
+            let is_embedding = t.name.contains("embed_tokens")
+                || t.scale_of.as_deref().is_some_and(|s| s.contains("embed_tokens"));
+            let is_rope = t.name.contains("rope") || t.name.contains("cos_cache") || t.name.contains("sin_cache");
+            if (is_embedding && !arch.tie_word_embeddings) || is_rope {
+                let rows = t.shape.first().copied().unwrap_or(1).max(1) as u64;
+                t.length / rows
+            } else {
+                t.length
+            }
+        })
+        .sum()
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Runs llama.cpp's `llama-bench` and returns (prefill, decode) tokens/s.
+fn llama_bench(bench: &PathBuf, model: &PathBuf, threads: usize, prompt: usize, gen: usize) -> anyhow::Result<(f64, f64)> {
+    let output = Command::new(bench)
+        .args(["-m", &model.display().to_string(), "-t", &threads.to_string()])
+        .args(["-p", &prompt.to_string(), "-n", &gen.to_string(), "-o", "json"])
+        .output()
+        .with_context(|| format!("running {}", bench.display()))?;
+    if !output.status.success() {
+        bail!("{} failed: {}", bench.display(), String::from_utf8_lossy(&output.stderr));
+    }
+    let runs: serde_json::Value = serde_json::from_slice(&output.stdout).context("llama-bench JSON")?;
+    let speed = |key: &str| -> anyhow::Result<f64> {
+        runs.as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r[key].as_u64().unwrap_or(0) > 0)
+            .and_then(|r| r["avg_ts"].as_f64())
+            .with_context(|| format!("llama-bench reported no {key} run"))
+    };
+    Ok((speed("n_prompt")?, speed("n_gen")?))
+}
+
+/// A fixed token stream: the benchmark's inputs are the same on every run.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, below: u32) -> u32 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((self.0 >> 33) % u64::from(below)) as u32
+    }
+}

@@ -1,0 +1,144 @@
+//! `marengod generate`: one generation in the foreground, like llama-cli. Its flags and the
+//! `--stats` JSON line are an interface that scripts and checks rely on: keep them stable.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use marengo::chat::Message;
+use marengo::engine::{Engine, EngineOptions, GenerateRequest};
+use marengo::memory::MemoryUsage;
+use marengo::sampler::SamplingParams;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The bundle directory (made by `marengo-export convert`).
+    #[arg(long)]
+    bundle: PathBuf,
+    /// The prompt text.
+    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    prompt: Option<String>,
+    /// The prompt as token ids, comma-separated, fed as they are (no BOS added).
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// Wrap the prompt as one user message in the model's chat template.
+    #[arg(long, conflicts_with = "prompt_ids")]
+    chat: bool,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long)]
+    top_k: Option<u32>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    min_p: Option<f32>,
+    #[arg(long)]
+    repeat_penalty: Option<f32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop at this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Kernel threads (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Check every file's sha256 against the manifest before loading.
+    #[arg(long)]
+    verify: bool,
+    /// Print the generated token ids, space-separated on one line, instead of text.
+    #[arg(long)]
+    ids: bool,
+    /// End with one JSON line of figures.
+    #[arg(long)]
+    stats: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let load_start = Instant::now();
+    let options = EngineOptions { threads: args.threads, verify_hashes: args.verify };
+    let engine = Engine::load(&args.bundle, &options)
+        .with_context(|| format!("loading {}", args.bundle.display()))?;
+    let load_s = load_start.elapsed().as_secs_f64();
+
+    let prompt = match (&args.prompt, &args.prompt_ids) {
+        (_, Some(ids)) => ids.clone(),
+        (Some(text), None) if args.chat => {
+            let template = engine
+                .chat_template()
+                .context("--chat: the bundle has no chat template")?;
+            let rendered = template.render(&[Message::user(text.as_str())], true)?;
+            engine.tokenizer().encode(&rendered, false)?
+        }
+        (Some(text), None) => engine.tokenizer().encode(text, true)?,
+        (None, None) => bail!("give --prompt or --prompt-ids"),
+    };
+
+    let mut sampling = SamplingParams { temperature: args.temperature, ..SamplingParams::default() };
+    if let Some(k) = args.top_k {
+        sampling.top_k = k;
+    }
+    if let Some(p) = args.top_p {
+        sampling.top_p = p;
+    }
+    if let Some(p) = args.min_p {
+        sampling.min_p = p;
+    }
+    if let Some(p) = args.repeat_penalty {
+        sampling.repeat_penalty = p;
+    }
+    if let Some(seed) = args.seed {
+        sampling.seed = Some(seed);
+    }
+    sampling.validate()?;
+    let request =
+        GenerateRequest { prompt, sampling, max_tokens: args.max_tokens, stop: args.stop.clone() };
+
+    let mut session = engine.new_session()?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut write_error = None;
+    let outcome = session.generate(&request, &|| false, &mut |piece| {
+        if args.ids || write_error.is_some() {
+            return;
+        }
+        if let Err(e) = out.write_all(piece.as_bytes()).and_then(|()| out.flush()) {
+            write_error = Some(e);
+        }
+    })?;
+    if let Some(e) = write_error {
+        return Err(e).context("writing to stdout");
+    }
+    if args.ids {
+        let ids: Vec<String> = outcome.tokens.iter().map(u32::to_string).collect();
+        writeln!(out, "{}", ids.join(" "))?;
+    } else {
+        writeln!(out)?;
+    }
+    if args.stats {
+        let memory = MemoryUsage::current().unwrap_or_default();
+        let stats = serde_json::json!({
+            "prompt_tokens": outcome.prompt_tokens,
+            "generated_tokens": outcome.generated_tokens,
+            "finish_reason": outcome.reason.as_str(),
+            "load_s": load_s,
+            "prefill_tokens_per_s": outcome.prefill_tokens_per_s,
+            "decode_tokens_per_s": outcome.decode_tokens_per_s,
+            "anon_rss_bytes": memory.anonymous,
+            "file_rss_bytes": memory.file,
+        });
+        writeln!(out, "{stats}")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

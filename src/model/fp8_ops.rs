@@ -1,0 +1,299 @@
+//! marengo's own tract ops for FP8 weights that stay in the mapped bundle file.
+//!
+//! tract has no FP8 datum type and copies ONNX external data into heap buffers; a 7B model
+//! would need 7 GB of heap in FP8, 29 GB widened to f32. These ops instead hold a
+//! [`MappedFp8`] — an `Arc` of the file mapping plus byte ranges — and hand the mapped bytes
+//! straight to [`crate::kernels`], which dequantizes inside the product. The weights live
+//! in the page cache: shared, evictable, never anonymous memory of the daemon.
+//!
+//! Each op exists twice: as an [`Expansion`] that tract-onnx's parser places (inference
+//! stage, attached to its weights after parsing), and as the [`TypedOp`] it wires into the
+//! typed model, which is what runs.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use tract_onnx::tract_hir::internal::*;
+
+use crate::kernels::Fp8Matrix;
+
+/// An FP8 E4M3FN matrix `[rows, cols]` and its f32 scales, as byte ranges of the mapped
+/// `model.weights`.
+#[derive(Clone)]
+pub struct MappedFp8 {
+    pub name: String,
+    map: Arc<Mmap>,
+    codes: Range<usize>,
+    scales: Range<usize>,
+    pub rows: usize,
+    pub cols: usize,
+    /// Elements along `cols` that share one scale; `None` is one scale per row.
+    pub block: Option<usize>,
+}
+
+impl std::fmt::Debug for MappedFp8 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} fp8[{}, {}]", self.name, self.rows, self.cols)?;
+        if let Some(b) = self.block {
+            write!(f, " block {b}")?;
+        }
+        Ok(())
+    }
+}
+
+impl PartialEq for MappedFp8 {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.map, &other.map) && self.codes == other.codes
+    }
+}
+
+impl MappedFp8 {
+    /// Checks that the ranges lie inside the mapping and agree with the shape, so that the
+    /// kernels can trust them.
+    pub fn new(
+        name: &str,
+        map: Arc<Mmap>,
+        codes: Range<usize>,
+        scales: Range<usize>,
+        rows: usize,
+        cols: usize,
+        block: Option<usize>,
+    ) -> TractResult<MappedFp8> {
+        let scale_count = match block {
+            None => rows,
+            Some(b) => {
+                ensure!(b > 0 && cols % b == 0, "{name}: block {b} does not divide {cols}");
+                rows * (cols / b)
+            }
+        };
+        ensure!(
+            codes.len() == rows * cols,
+            "{name}: {} bytes of FP8 codes for a [{rows}, {cols}] matrix",
+            codes.len()
+        );
+        ensure!(
+            scales.len() == scale_count * 4,
+            "{name}: {} bytes of scales, expected {scale_count} f32",
+            scales.len()
+        );
+        ensure!(
+            codes.end <= map.len() && scales.end <= map.len(),
+            "{name}: tensor data beyond the end of model.weights"
+        );
+        ensure!(scales.start % 4 == 0, "{name}: scales are not 4-byte aligned");
+        let weight = MappedFp8 { name: name.to_string(), map, codes, scales, rows, cols, block };
+        weight.matrix()?;
+        Ok(weight)
+    }
+
+    pub fn matrix(&self) -> TractResult<Fp8Matrix<'_>> {
+        let scales: &[f32] = bytemuck::try_cast_slice(&self.map[self.scales.clone()])
+            .map_err(|e| format_err!("{}: scales: {e:?}", self.name))?;
+        let matrix = Fp8Matrix::new(
+            &self.map[self.codes.clone()],
+            self.rows,
+            self.cols,
+            scales,
+            self.block,
+        )
+        .map_err(|e| format_err!("{}: {e}", self.name))?;
+        Ok(matrix)
+    }
+}
+
+/// `y = x · Wᵀ` for f32 `x[.., cols]`, giving `y[.., rows]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fp8Linear {
+    pub weight: MappedFp8,
+}
+
+impl Op for Fp8Linear {
+    fn name(&self) -> StaticName {
+        "Fp8Linear".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("{:?}", self.weight)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Fp8Linear {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        let x = x.cast_to::<f32>()?;
+        let shape = x.shape();
+        let k = *shape.last().context("Fp8Linear on a scalar")?;
+        ensure!(k == self.weight.cols, "{}: input has {k} features, weight {}", self.weight.name, self.weight.cols);
+        let m = shape[..shape.len() - 1].iter().product::<usize>();
+        let mut out_shape: TVec<usize> = shape.into();
+        *out_shape.last_mut().context("rank")? = self.weight.rows;
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
+        let matrix = self.weight.matrix()?;
+        {
+            let xs = x.try_as_plain()?.as_slice::<f32>()?;
+            let ys = y.try_as_plain_mut()?.as_slice_mut::<f32>()?;
+            if m == 1 {
+                matrix.matvec(xs, ys)
+            } else {
+                matrix.matmul(xs, ys)
+            }
+            .map_err(|e| format_err!("{}: {e}", self.weight.name))?;
+        }
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for Fp8Linear {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let mut shape: TVec<TDim> = inputs[0].shape.iter().cloned().collect();
+        let last = shape.last_mut().context("Fp8Linear on a scalar")?;
+        *last = self.weight.rows.to_dim();
+        Ok(tvec!(f32::fact(shape)))
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let m: TDim = inputs[0].shape.iter().rev().skip(1).product();
+        Ok(tvec!((Cost::FMA(f32::datum_type()), m * (self.weight.rows * self.weight.cols))))
+    }
+
+    as_op!();
+}
+
+/// The embedding lookup: rows of an FP8 table for integer ids `[..]`, giving `[.., cols]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fp8Gather {
+    pub table: MappedFp8,
+}
+
+impl Op for Fp8Gather {
+    fn name(&self) -> StaticName {
+        "Fp8Gather".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("{:?}", self.table)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Fp8Gather {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let ids = args_1!(inputs);
+        let ids = ids.cast_to::<i64>()?;
+        let rows = ids
+            .try_as_plain()?
+            .as_slice::<i64>()?
+            .iter()
+            .map(|&id| {
+                usize::try_from(id).ok().filter(|&r| r < self.table.rows).with_context(|| {
+                    format!("token id {id} outside the vocabulary of {}", self.table.rows)
+                })
+            })
+            .collect::<TractResult<Vec<usize>>>()?;
+        let mut out_shape: TVec<usize> = ids.shape().into();
+        out_shape.push(self.table.cols);
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
+        self.table
+            .matrix()?
+            .gather_rows(&rows, y.try_as_plain_mut()?.as_slice_mut::<f32>()?)
+            .map_err(|e| format_err!("{}: {e}", self.table.name))?;
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for Fp8Gather {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let mut shape: TVec<TDim> = inputs[0].shape.iter().cloned().collect();
+        shape.push(self.table.cols.to_dim());
+        Ok(tvec!(f32::fact(shape)))
+    }
+
+    as_op!();
+}
+
+/// The parse-time stand-in for [`Fp8Linear`] or [`Fp8Gather`]: tract-onnx's op builders
+/// are plain functions and cannot capture the mapping, so the parser places this node
+/// with the weight's name and shape, and the loader attaches the mapped weight before the
+/// model is typed.
+#[derive(Clone, Debug)]
+pub struct Fp8Node {
+    pub kind: Fp8NodeKind,
+    pub weight_name: String,
+    pub rows: usize,
+    pub cols: usize,
+    pub weight: Option<MappedFp8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fp8NodeKind {
+    Linear,
+    Gather,
+}
+
+impl Expansion for Fp8Node {
+    fn name(&self) -> StaticName {
+        match self.kind {
+            Fp8NodeKind::Linear => "Fp8Linear".into(),
+            Fp8NodeKind::Gather => "Fp8Gather".into(),
+        }
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        match self.kind {
+            Fp8NodeKind::Linear => {
+                let rows = self.rows.to_dim();
+                s.equals(&inputs[0].rank, &outputs[0].rank)?;
+                s.given(&inputs[0].rank, move |s, rank| {
+                    let rank = rank as usize;
+                    for ax in 0..rank - 1 {
+                        s.equals(&inputs[0].shape[ax], &outputs[0].shape[ax])?;
+                    }
+                    s.equals(&outputs[0].shape[rank - 1], rows)
+                })
+            }
+            Fp8NodeKind::Gather => {
+                let cols = self.cols.to_dim();
+                s.equals(&inputs[0].rank + 1, &outputs[0].rank)?;
+                s.given(&inputs[0].rank, move |s, rank| {
+                    let rank = rank as usize;
+                    for ax in 0..rank {
+                        s.equals(&inputs[0].shape[ax], &outputs[0].shape[ax])?;
+                    }
+                    s.equals(&outputs[0].shape[rank], cols)
+                })
+            }
+        }
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        let weight = self
+            .weight
+            .clone()
+            .with_context(|| format!("{prefix}: FP8 weight `{}` was never attached", self.weight_name))?;
+        match self.kind {
+            Fp8NodeKind::Linear => model.wire_node(prefix, Fp8Linear { weight }, inputs),
+            Fp8NodeKind::Gather => model.wire_node(prefix, Fp8Gather { table: weight }, inputs),
+        }
+    }
+}

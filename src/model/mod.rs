@@ -1,0 +1,137 @@
+//! From a bundle to a runnable tract plan.
+//!
+//! The loader decodes `model.onnx`, rewrites its FP8 patterns into marengo ops over the
+//! mapped `model.weights` ([`rewrite`], [`fp8_ops`]), lets tract-onnx parse the rest, and
+//! applies tract-transformers' rewrites, which turn the graph's past→Concat→present KV
+//! inputs and outputs into cache state held inside the plan's state: a decode step then
+//! feeds only the new token, and the cache is never copied in or out.
+
+pub mod fp8_ops;
+pub mod rewrite;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use prost::Message;
+use tract_onnx::model::ParsingContext;
+use tract_onnx::pb;
+use tract_onnx::pb_helpers::*;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::internal::{Expansion, InferenceOp, expand};
+
+use fp8_ops::{Fp8Node, Fp8NodeKind, MappedFp8};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("reading {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path} is not a valid ONNX protobuf: {source}")]
+    Decode { path: String, source: prost::DecodeError },
+    #[error("model.onnx: {0}")]
+    Rewrite(#[from] rewrite::RewriteError),
+    #[error("model.onnx: {0:#}")]
+    Tract(TractError),
+}
+
+impl From<TractError> for ModelError {
+    fn from(e: TractError) -> Self {
+        ModelError::Tract(e)
+    }
+}
+
+/// A model ready to run: the optimised plan, shared by every session.
+#[derive(Debug)]
+pub struct Model {
+    plan: Arc<TypedSimplePlan>,
+    /// Number of FP8 weights served from the mapping (0 for an f32/f16 bundle).
+    pub fp8_weights: usize,
+}
+
+/// The per-conversation state of a [`Model`]: the plan's op states, KV caches included.
+pub type ModelState = TypedSimpleState;
+
+impl Model {
+    /// Loads `model.onnx` from `dir`, reading FP8 weights from `weights` (the mapping of
+    /// the same directory's `model.weights`).
+    pub fn load(dir: &Path, weights: Arc<Mmap>) -> Result<Model, ModelError> {
+        let onnx_path = dir.join("model.onnx");
+        let bytes = std::fs::read(&onnx_path)
+            .map_err(|source| ModelError::Io { path: onnx_path.display().to_string(), source })?;
+        let mut proto = pb::ModelProto::decode(bytes.as_slice()).map_err(|source| {
+            ModelError::Decode { path: onnx_path.display().to_string(), source }
+        })?;
+        let bindings = rewrite::rewrite_fp8(&mut proto)?;
+
+        let mut onnx = tract_onnx::onnx();
+        onnx.op_register.insert(rewrite::FP8_LINEAR, fp8_linear_node);
+        onnx.op_register.insert(rewrite::FP8_GATHER, fp8_gather_node);
+        let dir_str = dir.to_str().context("bundle path is not UTF-8")?;
+        let parsed = onnx.parse(&proto, Some(dir_str))?;
+        if !parsed.unresolved_inputs.is_empty() {
+            return Err(format_err!("unresolved inputs {:?}", parsed.unresolved_inputs).into());
+        }
+        let mut model = parsed.model;
+
+        let mut attached = 0;
+        for node in model.nodes_mut() {
+            let Some(expansion) = node.op_as_mut::<Box<dyn Expansion>>() else { continue };
+            let Some(fp8) = expansion.as_any_mut().downcast_mut::<Fp8Node>() else { continue };
+            let binding = bindings
+                .get(&fp8.weight_name)
+                .with_context(|| format!("no FP8 binding for `{}`", fp8.weight_name))?;
+            fp8.weight = Some(MappedFp8::new(
+                &fp8.weight_name,
+                weights.clone(),
+                binding.codes.clone(),
+                binding.scales.clone(),
+                binding.rows,
+                binding.cols,
+                binding.block,
+            )?);
+            attached += 1;
+        }
+
+        let mut typed = model.into_typed()?;
+        let detect = tract_onnx::tract_core::transform::get_transform("transformers_detect_all")?
+            .context("tract-transformers is not linked")?;
+        typed.transform(&*detect)?;
+        let typed = typed.into_optimized()?;
+        let plan = TypedSimplePlan::new(typed)?;
+        Ok(Model { plan, fp8_weights: attached })
+    }
+
+    /// A fresh state: empty KV cache.
+    pub fn new_state(&self) -> Result<ModelState, ModelError> {
+        Ok(self.plan.spawn()?)
+    }
+
+    /// The optimised graph, for inspection and tests.
+    pub fn typed_model(&self) -> &TypedModel {
+        self.plan.model()
+    }
+}
+
+fn fp8_node(
+    kind: Fp8NodeKind,
+    node: &pb::NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let weight_name: String = node.get_attr("weight")?;
+    let rows: usize = node.get_attr("rows")?;
+    let cols: usize = node.get_attr("cols")?;
+    Ok((expand(Fp8Node { kind, weight_name, rows, cols, weight: None }), vec![]))
+}
+
+fn fp8_linear_node(
+    _ctx: &ParsingContext,
+    node: &pb::NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    fp8_node(Fp8NodeKind::Linear, node)
+}
+
+fn fp8_gather_node(
+    _ctx: &ParsingContext,
+    node: &pb::NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    fp8_node(Fp8NodeKind::Gather, node)
+}
