@@ -150,20 +150,7 @@ impl Engine {
     }
 
     /// Human-readable model name: the bundle directory's name.
-    pub /// Sizes the kernels' thread pool (rayon's global pool). It can be set once per process;
-/// a later different request is refused rather than silently ignored.
-fn set_threads(threads: usize) -> Result<(), EngineError> {
-    if threads == 0 {
-        return Err(EngineError::Threads { threads, message: "must be at least 1".into() });
-    }
-    match rayon::ThreadPoolBuilder::new().num_threads(threads).build_global() {
-        Ok(()) => Ok(()),
-        Err(_) if rayon::current_num_threads() == threads => Ok(()),
-        Err(e) => Err(EngineError::Threads { threads, message: e.to_string() }),
-    }
-}
-
-fn model_name(&self) -> &str {
+    pub pub fn model_name(&self) -> &str {
         &self.name
     }
 
