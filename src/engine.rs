@@ -150,7 +150,7 @@ impl Engine {
     }
 
     /// Human-readable model name: the bundle directory's name.
-    pub pub fn model_name(&self) -> &str {
+    pub fn model_name(&self) -> &str {
         &self.name
     }
 
