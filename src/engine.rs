@@ -71,7 +71,10 @@ pub struct EngineOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("prompt of {prompt_tokens} tokens does not fit the context of {context_length} tokens")]
-    ContextOverflow { prompt_tokens: usize, context_length: usize },
+    ContextOverflow {
+        prompt_tokens: usize,
+        context_length: usize,
+    },
     #[error("the prompt is empty")]
     EmptyPrompt,
     #[error(transparent)]
@@ -109,12 +112,14 @@ impl Engine {
             bundle.verify_hashes()?;
         }
         let model = Arc::new(Model::load(bundle.dir(), bundle.weights().clone())?);
-        let tokenizer = Tokenizer::from_file(&bundle.dir().join(crate::bundle::manifest::TOKENIZER_FILE))?;
+        let tokenizer =
+            Tokenizer::from_file(&bundle.dir().join(crate::bundle::manifest::TOKENIZER_FILE))?;
         let manifest = bundle.manifest();
         let chat_template = match &manifest.chat_template {
             Some(template) => {
                 let token = |id: Option<u32>| {
-                    id.and_then(|id| tokenizer.id_to_token(id)).unwrap_or_default()
+                    id.and_then(|id| tokenizer.id_to_token(id))
+                        .unwrap_or_default()
                 };
                 let bos = token(manifest.special_tokens.bos);
                 let eos = token(manifest.special_tokens.eos.first().copied());
@@ -129,7 +134,13 @@ impl Engine {
             context = manifest.architecture.context_length,
             "model loaded"
         );
-        Ok(Arc::new(Engine { bundle, model, tokenizer, chat_template, name }))
+        Ok(Arc::new(Engine {
+            bundle,
+            model,
+            tokenizer,
+            chat_template,
+            name,
+        }))
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -171,14 +182,21 @@ impl Engine {
     pub fn new_session(self: &Arc<Self>) -> Result<Session, EngineError> {
         let arch = &self.manifest().architecture;
         let inner = ModelSession::new(self.model.clone(), arch.context_length, arch.vocab_size)?;
-        Ok(Session { engine: self.clone(), inner })
+        Ok(Session {
+            engine: self.clone(),
+            inner,
+        })
     }
 
     /// A bare model session, without sampling or text: for benchmarks and numerical checks
     /// that feed token ids and read logits.
     pub fn new_model_session(&self) -> Result<ModelSession, EngineError> {
         let arch = &self.manifest().architecture;
-        Ok(ModelSession::new(self.model.clone(), arch.context_length, arch.vocab_size)?)
+        Ok(ModelSession::new(
+            self.model.clone(),
+            arch.context_length,
+            arch.vocab_size,
+        )?)
     }
 
     fn is_eos(&self, id: u32) -> bool {
@@ -190,12 +208,21 @@ impl Engine {
 /// a later different request is refused rather than silently ignored.
 fn set_threads(threads: usize) -> Result<(), EngineError> {
     if threads == 0 {
-        return Err(EngineError::Threads { threads, message: "must be at least 1".into() });
+        return Err(EngineError::Threads {
+            threads,
+            message: "must be at least 1".into(),
+        });
     }
-    match rayon::ThreadPoolBuilder::new().num_threads(threads).build_global() {
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+    {
         Ok(()) => Ok(()),
         Err(_) if rayon::current_num_threads() == threads => Ok(()),
-        Err(e) => Err(EngineError::Threads { threads, message: e.to_string() }),
+        Err(e) => Err(EngineError::Threads {
+            threads,
+            message: e.to_string(),
+        }),
     }
 }
 
@@ -229,11 +256,15 @@ impl Session {
             return Err(EngineError::EmptyPrompt);
         }
         if prompt.len() >= context_length {
-            return Err(EngineError::ContextOverflow { prompt_tokens: prompt.len(), context_length });
+            return Err(EngineError::ContextOverflow {
+                prompt_tokens: prompt.len(),
+                context_length,
+            });
         }
         let mut sampler = Sampler::new(request.sampling.clone())?;
         sampler.observe(prompt);
-        let mut text = TextStream::new(&self.engine.tokenizer, prompt, request.stop.iter().cloned());
+        let mut text =
+            TextStream::new(&self.engine.tokenizer, prompt, request.stop.iter().cloned());
 
         let prefill_start = Instant::now();
         let reused = self.inner.reuse_prefix(prompt)?;
@@ -295,5 +326,9 @@ impl Session {
 }
 
 fn rate(count: usize, seconds: f64) -> f64 {
-    if seconds > 0.0 { count as f64 / seconds } else { 0.0 }
+    if seconds > 0.0 {
+        count as f64 / seconds
+    } else {
+        0.0
+    }
 }

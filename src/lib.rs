@@ -5,30 +5,30 @@
 //! the `engine` feature so that `marengo-export` builds without tract.
 
 pub mod bundle;
-pub mod onnx_proto;
 pub mod memory;
+pub mod onnx_proto;
 
-#[cfg(feature = "engine")]
-pub mod kernels;
 #[cfg(feature = "engine")]
 pub mod chat;
 #[cfg(feature = "engine")]
-pub mod sampler;
-#[cfg(feature = "engine")]
-pub mod tokenizer;
-#[cfg(feature = "engine")]
-pub mod engine;
-#[cfg(feature = "engine")]
-pub mod model;
-#[cfg(feature = "engine")]
-pub mod session;
-#[cfg(feature = "engine")]
-pub mod scheduler;
-#[cfg(feature = "engine")]
 pub mod config;
-#[cfg(feature = "engine")]
-pub mod systemd;
 #[cfg(feature = "engine")]
 pub mod dbus;
 #[cfg(feature = "engine")]
+pub mod engine;
+#[cfg(feature = "engine")]
+pub mod kernels;
+#[cfg(feature = "engine")]
+pub mod model;
+#[cfg(feature = "engine")]
+pub mod sampler;
+#[cfg(feature = "engine")]
+pub mod scheduler;
+#[cfg(feature = "engine")]
 pub mod serve;
+#[cfg(feature = "engine")]
+pub mod session;
+#[cfg(feature = "engine")]
+pub mod systemd;
+#[cfg(feature = "engine")]
+pub mod tokenizer;

@@ -19,12 +19,21 @@ impl MemoryUsage {
     fn parse(text: &str) -> Option<MemoryUsage> {
         let field = |name: &str| -> Option<u64> {
             let line = text.lines().find(|l| l.starts_with(name))?;
-            let kib: u64 = line[name.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+            let kib: u64 = line[name.len()..]
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()?;
             Some(kib * 1024)
         };
         let rss = field("Rss:")?;
         let anonymous = field("Anonymous:")?;
-        Some(MemoryUsage { rss, anonymous, file: rss.saturating_sub(anonymous) })
+        Some(MemoryUsage {
+            rss,
+            anonymous,
+            file: rss.saturating_sub(anonymous),
+        })
     }
 }
 
@@ -37,7 +46,14 @@ mod tests {
         let text = "00400000-7ffd [rollup]\nRss:               10240 kB\nPss:  9000 kB\n\
                     Anonymous:          2048 kB\nSwap: 0 kB\n";
         let m = MemoryUsage::parse(text).expect("parsed");
-        assert_eq!(m, MemoryUsage { rss: 10240 * 1024, anonymous: 2048 * 1024, file: 8192 * 1024 });
+        assert_eq!(
+            m,
+            MemoryUsage {
+                rss: 10240 * 1024,
+                anonymous: 2048 * 1024,
+                file: 8192 * 1024
+            }
+        );
     }
 
     #[test]

@@ -19,7 +19,10 @@ pub const PREFILL_CHUNK: usize = 128;
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("{needed} tokens do not fit the context of {context_length}")]
-    ContextFull { needed: usize, context_length: usize },
+    ContextFull {
+        needed: usize,
+        context_length: usize,
+    },
     #[error("token id {id} is outside the vocabulary of {vocab}")]
     BadToken { id: u32, vocab: usize },
     #[error(transparent)]
@@ -44,9 +47,19 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(model: Arc<Model>, context_length: usize, vocab: usize) -> Result<Self, SessionError> {
+    pub fn new(
+        model: Arc<Model>,
+        context_length: usize,
+        vocab: usize,
+    ) -> Result<Self, SessionError> {
         let state = model.new_state()?;
-        Ok(Session { model, state, cached: Vec::new(), context_length, vocab })
+        Ok(Session {
+            model,
+            state,
+            cached: Vec::new(),
+            context_length,
+            vocab,
+        })
     }
 
     /// Tokens currently held by the KV cache.
@@ -62,7 +75,12 @@ impl Session {
     /// there. At least the last prompt token is always left to feed, since its logits
     /// are needed to sample the first new token.
     pub fn reuse_prefix(&mut self, prompt: &[u32]) -> Result<usize, SessionError> {
-        let common = self.cached.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let common = self
+            .cached
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
         let keep = common.min(prompt.len().saturating_sub(1));
         if keep < self.cached.len() {
             // Dropping a suffix of the cache is a fresh state replayed up to `keep`:
@@ -87,10 +105,16 @@ impl Session {
     pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SessionError> {
         let needed = self.cached.len() + tokens.len();
         if needed > self.context_length {
-            return Err(SessionError::ContextFull { needed, context_length: self.context_length });
+            return Err(SessionError::ContextFull {
+                needed,
+                context_length: self.context_length,
+            });
         }
         if let Some(&id) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
-            return Err(SessionError::BadToken { id, vocab: self.vocab });
+            return Err(SessionError::BadToken {
+                id,
+                vocab: self.vocab,
+            });
         }
         let mut logits = Vec::new();
         for chunk in tokens.chunks(PREFILL_CHUNK) {
@@ -106,10 +130,15 @@ impl Session {
         let positions: Vec<i64> = (start..start + n as i64).collect();
         let ids = Tensor::from_shape(&[1, n], &ids)?;
         let positions = Tensor::from_shape(&[1, n], &positions)?;
-        let outputs = self.state.run(tvec![ids.into_tvalue(), positions.into_tvalue()])?;
+        let outputs = self
+            .state
+            .run(tvec![ids.into_tvalue(), positions.into_tvalue()])?;
         self.cached.extend_from_slice(chunk);
         let logits = outputs[0].to_plain_array_view::<f32>()?;
-        let vocab = *logits.shape().last().context("logits without a vocabulary axis")?;
+        let vocab = *logits
+            .shape()
+            .last()
+            .context("logits without a vocabulary axis")?;
         let all = logits.as_slice().context("logits are not contiguous")?;
         Ok(all[all.len() - vocab..].to_vec())
     }

@@ -38,13 +38,21 @@ fn golden(name: &'static str) -> Golden {
     )
     .expect("golden json parses");
     let ids = |key: &str| -> Vec<u32> {
-        meta[key].as_array().expect(key).iter().map(|v| v.as_u64().expect("id") as u32).collect()
+        meta[key]
+            .as_array()
+            .expect(key)
+            .iter()
+            .map(|v| v.as_u64().expect("id") as u32)
+            .collect()
     };
     let bytes = std::fs::read(dir.join(format!("{name}.safetensors"))).expect("golden logits");
     let tensors = SafeTensors::deserialize(&bytes).expect("golden safetensors");
     let floats = |key: &str| -> Vec<f32> {
         let t = tensors.tensor(key).expect(key);
-        t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        t.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
     };
     Golden {
         name,
@@ -65,7 +73,10 @@ fn golden(name: &'static str) -> Golden {
 
 fn marengo_export() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    let profile = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
+    let profile = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
     let export = profile.join("marengo-export");
     assert!(
         export.is_file(),
@@ -76,7 +87,9 @@ fn marengo_export() -> PathBuf {
 }
 
 fn run(command: &mut Command) -> String {
-    let output = command.output().unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
     assert!(
         output.status.success(),
         "{command:?} failed:\n{}",
@@ -100,7 +113,12 @@ fn bundle(golden: &Golden, scratch: &Path, label: &str, convert_args: &[&str]) -
             .arg(&checkpoint));
     }
     let out = scratch.join(label);
-    run(Command::new(marengo_export()).arg("convert").arg(&checkpoint).arg("--out").arg(&out).args(convert_args));
+    run(Command::new(marengo_export())
+        .arg("convert")
+        .arg(&checkpoint)
+        .arg("--out")
+        .arg(&out)
+        .args(convert_args));
     out
 }
 
@@ -115,7 +133,10 @@ fn argmax(logits: &[f32]) -> u32 {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn greedy(session: &mut Session, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
@@ -151,7 +172,10 @@ fn f32_bundle_matches_transformers(name: &'static str) {
         worst = worst.max(max_abs_diff(&logits, expected));
     }
     println!("{name}: f32 prompt logits, token by token: max |diff| {worst:.3e}");
-    assert!(worst <= TOLERANCE, "{name}: prompt logits differ by {worst}");
+    assert!(
+        worst <= TOLERANCE,
+        "{name}: prompt logits differ by {worst}"
+    );
 
     // The whole prompt at once, then greedy decoding.
     session.reset().expect("reset");
@@ -162,8 +186,14 @@ fn f32_bundle_matches_transformers(name: &'static str) {
         .map(|(i, l)| max_abs_diff(l, &golden.greedy_logits[i * vocab..(i + 1) * vocab]))
         .fold(0.0, f32::max);
     println!("{name}: f32 greedy-step logits: max |diff| {worst:.3e}");
-    assert!(worst <= TOLERANCE, "{name}: greedy-step logits differ by {worst}");
-    assert_eq!(tokens, golden.greedy, "{name}: greedy tokens differ from transformers");
+    assert!(
+        worst <= TOLERANCE,
+        "{name}: greedy-step logits differ by {worst}"
+    );
+    assert_eq!(
+        tokens, golden.greedy,
+        "{name}: greedy tokens differ from transformers"
+    );
 }
 
 #[test]
@@ -178,7 +208,11 @@ fn f32_llama_tied_matches_transformers() {
 
 fn venv_python() -> PathBuf {
     let python = repo().join(".venv/bin/python");
-    assert!(python.is_file(), "{} is missing: run .ci/python-venv.sh", python.display());
+    assert!(
+        python.is_file(),
+        "{} is missing: run .ci/python-venv.sh",
+        python.display()
+    );
     python
 }
 
@@ -223,8 +257,14 @@ fn fp8_bundle_matches_onnxruntime(name: &'static str, label: &str, convert_args:
         .map(|(i, l)| max_abs_diff(l, &ort_logits[i * vocab..(i + 1) * vocab]))
         .fold(0.0, f32::max);
     println!("{name} {label}: FP8 greedy-step logits vs onnxruntime: max |diff| {worst:.3e}");
-    assert_eq!(tokens, ort_greedy, "{name} {label}: greedy tokens differ from onnxruntime");
-    assert!(worst <= TOLERANCE, "{name} {label}: logits differ from onnxruntime by {worst}");
+    assert_eq!(
+        tokens, ort_greedy,
+        "{name} {label}: greedy tokens differ from onnxruntime"
+    );
+    assert!(
+        worst <= TOLERANCE,
+        "{name} {label}: logits differ from onnxruntime by {worst}"
+    );
 }
 
 #[test]

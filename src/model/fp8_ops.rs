@@ -63,7 +63,10 @@ impl MappedFp8 {
         let scale_count = match block {
             None => rows,
             Some(b) => {
-                ensure!(b > 0 && cols % b == 0, "{name}: block {b} does not divide {cols}");
+                ensure!(
+                    b > 0 && cols % b == 0,
+                    "{name}: block {b} does not divide {cols}"
+                );
                 rows * (cols / b)
             }
         };
@@ -81,8 +84,19 @@ impl MappedFp8 {
             codes.end <= map.len() && scales.end <= map.len(),
             "{name}: tensor data beyond the end of model.weights"
         );
-        ensure!(scales.start % 4 == 0, "{name}: scales are not 4-byte aligned");
-        let weight = MappedFp8 { name: name.to_string(), map, codes, scales, rows, cols, block };
+        ensure!(
+            scales.start % 4 == 0,
+            "{name}: scales are not 4-byte aligned"
+        );
+        let weight = MappedFp8 {
+            name: name.to_string(),
+            map,
+            codes,
+            scales,
+            rows,
+            cols,
+            block,
+        };
         weight.matrix()?;
         Ok(weight)
     }
@@ -128,7 +142,12 @@ impl EvalOp for Fp8Linear {
         let x = x.cast_to::<f32>()?;
         let shape = x.shape();
         let k = *shape.last().context("Fp8Linear on a scalar")?;
-        ensure!(k == self.weight.cols, "{}: input has {k} features, weight {}", self.weight.name, self.weight.cols);
+        ensure!(
+            k == self.weight.cols,
+            "{}: input has {k} features, weight {}",
+            self.weight.name,
+            self.weight.cols
+        );
         let m = shape[..shape.len() - 1].iter().product::<usize>();
         let mut out_shape: TVec<usize> = shape.into();
         *out_shape.last_mut().context("rank")? = self.weight.rows;
@@ -158,7 +177,10 @@ impl TypedOp for Fp8Linear {
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
         let m: TDim = inputs[0].shape.iter().rev().skip(1).product();
-        Ok(tvec!((Cost::FMA(f32::datum_type()), m * (self.weight.rows * self.weight.cols))))
+        Ok(tvec!((
+            Cost::FMA(f32::datum_type()),
+            m * (self.weight.rows * self.weight.cols)
+        )))
     }
 
     as_op!();
@@ -193,9 +215,15 @@ impl EvalOp for Fp8Gather {
             .as_slice::<i64>()?
             .iter()
             .map(|&id| {
-                usize::try_from(id).ok().filter(|&r| r < self.table.rows).with_context(|| {
-                    format!("token id {id} outside the vocabulary of {}", self.table.rows)
-                })
+                usize::try_from(id)
+                    .ok()
+                    .filter(|&r| r < self.table.rows)
+                    .with_context(|| {
+                        format!(
+                            "token id {id} outside the vocabulary of {}",
+                            self.table.rows
+                        )
+                    })
             })
             .collect::<TractResult<Vec<usize>>>()?;
         let mut out_shape: TVec<usize> = ids.shape().into();
@@ -287,10 +315,12 @@ impl Expansion for Fp8Node {
         model: &mut TypedModel,
         inputs: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
-        let weight = self
-            .weight
-            .clone()
-            .with_context(|| format!("{prefix}: FP8 weight `{}` was never attached", self.weight_name))?;
+        let weight = self.weight.clone().with_context(|| {
+            format!(
+                "{prefix}: FP8 weight `{}` was never attached",
+                self.weight_name
+            )
+        })?;
         match self.kind {
             Fp8NodeKind::Linear => model.wire_node(prefix, Fp8Linear { weight }, inputs),
             Fp8NodeKind::Gather => model.wire_node(prefix, Fp8Gather { table: weight }, inputs),

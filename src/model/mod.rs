@@ -25,9 +25,15 @@ use fp8_ops::{Fp8Node, Fp8NodeKind, MappedFp8};
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("reading {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path} is not a valid ONNX protobuf: {source}")]
-    Decode { path: String, source: prost::DecodeError },
+    Decode {
+        path: String,
+        source: prost::DecodeError,
+    },
     #[error("model.onnx: {0}")]
     Rewrite(#[from] rewrite::RewriteError),
     #[error("model.onnx: {0:#}")]
@@ -56,16 +62,22 @@ impl Model {
     /// the same directory's `model.weights`).
     pub fn load(dir: &Path, weights: Arc<Mmap>) -> Result<Model, ModelError> {
         let onnx_path = dir.join("model.onnx");
-        let bytes = std::fs::read(&onnx_path)
-            .map_err(|source| ModelError::Io { path: onnx_path.display().to_string(), source })?;
-        let mut proto = pb::ModelProto::decode(bytes.as_slice()).map_err(|source| {
-            ModelError::Decode { path: onnx_path.display().to_string(), source }
+        let bytes = std::fs::read(&onnx_path).map_err(|source| ModelError::Io {
+            path: onnx_path.display().to_string(),
+            source,
         })?;
+        let mut proto =
+            pb::ModelProto::decode(bytes.as_slice()).map_err(|source| ModelError::Decode {
+                path: onnx_path.display().to_string(),
+                source,
+            })?;
         let bindings = rewrite::rewrite_fp8(&mut proto)?;
 
         let mut onnx = tract_onnx::onnx();
-        onnx.op_register.insert(rewrite::FP8_LINEAR, fp8_linear_node);
-        onnx.op_register.insert(rewrite::FP8_GATHER, fp8_gather_node);
+        onnx.op_register
+            .insert(rewrite::FP8_LINEAR, fp8_linear_node);
+        onnx.op_register
+            .insert(rewrite::FP8_GATHER, fp8_gather_node);
         let dir_str = dir.to_str().context("bundle path is not UTF-8")?;
         let parsed = onnx.parse(&proto, Some(dir_str))?;
         if !parsed.unresolved_inputs.is_empty() {
@@ -75,8 +87,12 @@ impl Model {
 
         let mut attached = 0;
         for node in model.nodes_mut() {
-            let Some(expansion) = node.op_as_mut::<Box<dyn Expansion>>() else { continue };
-            let Some(fp8) = expansion.as_any_mut().downcast_mut::<Fp8Node>() else { continue };
+            let Some(expansion) = node.op_as_mut::<Box<dyn Expansion>>() else {
+                continue;
+            };
+            let Some(fp8) = expansion.as_any_mut().downcast_mut::<Fp8Node>() else {
+                continue;
+            };
             let binding = bindings
                 .get(&fp8.weight_name)
                 .with_context(|| format!("no FP8 binding for `{}`", fp8.weight_name))?;
@@ -98,7 +114,10 @@ impl Model {
         typed.transform(&*detect)?;
         let typed = typed.into_optimized()?;
         let plan = TypedSimplePlan::new(typed)?;
-        Ok(Model { plan, fp8_weights: attached })
+        Ok(Model {
+            plan,
+            fp8_weights: attached,
+        })
     }
 
     /// A fresh state: empty KV cache.
@@ -119,7 +138,16 @@ fn fp8_node(
     let weight_name: String = node.get_attr("weight")?;
     let rows: usize = node.get_attr("rows")?;
     let cols: usize = node.get_attr("cols")?;
-    Ok((expand(Fp8Node { kind, weight_name, rows, cols, weight: None }), vec![]))
+    Ok((
+        expand(Fp8Node {
+            kind,
+            weight_name,
+            rows,
+            cols,
+            weight: None,
+        }),
+        vec![],
+    ))
 }
 
 fn fp8_linear_node(

@@ -29,8 +29,14 @@ pub enum RewriteError {
     NoGraph,
     #[error("FP8 tensor `{tensor}`: {problem}")]
     Tensor { tensor: String, problem: String },
-    #[error("FP8 tensor `{tensor}` is used by node `{node}` ({op}), which marengo cannot run from FP8")]
-    UnsupportedUse { tensor: String, node: String, op: String },
+    #[error(
+        "FP8 tensor `{tensor}` is used by node `{node}` ({op}), which marengo cannot run from FP8"
+    )]
+    UnsupportedUse {
+        tensor: String,
+        node: String,
+        op: String,
+    },
 }
 
 /// Where an FP8 matrix and its scales lie in `model.weights`.
@@ -87,12 +93,14 @@ pub fn rewrite_fp8(model: &mut pb::ModelProto) -> Result<Fp8Bindings, RewriteErr
                         if mm.op_type != "MatMul" || mm.input.get(1) != Some(&user.output[0]) {
                             return Err(unsupported(&weight.name, mm));
                         }
-                        let node = marengo_node(FP8_LINEAR, mm, &mm.input[0], &weight.name, &binding);
+                        let node =
+                            marengo_node(FP8_LINEAR, mm, &mm.input[0], &weight.name, &binding);
                         replacements.insert(mm_ix, node);
                     }
                 }
                 "Gather" if gathers_rows(user, dq_out) => {
-                    let node = marengo_node(FP8_GATHER, user, &user.input[1], &weight.name, &binding);
+                    let node =
+                        marengo_node(FP8_GATHER, user, &user.input[1], &weight.name, &binding);
                     replacements.insert(use_ix, node);
                 }
                 _ => return Err(unsupported(&weight.name, user)),
@@ -109,18 +117,30 @@ pub fn rewrite_fp8(model: &mut pb::ModelProto) -> Result<Fp8Bindings, RewriteErr
         .map(|(ix, node)| replacements.remove(&ix).unwrap_or(node))
         .collect();
     let still_used: HashSet<&String> = graph.node.iter().flat_map(|n| n.input.iter()).collect();
-    let dropped: HashSet<String> =
-        dropped_initializers.into_iter().filter(|name| !still_used.contains(name)).collect();
+    let dropped: HashSet<String> = dropped_initializers
+        .into_iter()
+        .filter(|name| !still_used.contains(name))
+        .collect();
     graph.initializer.retain(|t| !dropped.contains(&t.name));
     graph.input.retain(|i| !dropped.contains(&i.name));
     if !model.opset_import.iter().any(|o| o.domain == DOMAIN) {
-        model.opset_import.push(pb::OperatorSetIdProto { domain: DOMAIN.into(), version: 1 });
+        model.opset_import.push(pb::OperatorSetIdProto {
+            domain: DOMAIN.into(),
+            version: 1,
+        });
     }
     Ok(bindings)
 }
 
-fn consumers<'g>(graph: &'g GraphProto, output: &'g str) -> impl Iterator<Item = (usize, &'g NodeProto)> {
-    graph.node.iter().enumerate().filter(move |(_, n)| n.input.iter().any(|i| i == output))
+fn consumers<'g>(
+    graph: &'g GraphProto,
+    output: &'g str,
+) -> impl Iterator<Item = (usize, &'g NodeProto)> {
+    graph
+        .node
+        .iter()
+        .enumerate()
+        .filter(move |(_, n)| n.input.iter().any(|i| i == output))
 }
 
 fn unsupported(tensor: &str, node: &NodeProto) -> RewriteError {
@@ -150,15 +170,24 @@ fn binding_for(
     dq: &NodeProto,
     weight: &TensorProto,
 ) -> Result<Fp8Binding, RewriteError> {
-    let problem = |p: String| RewriteError::Tensor { tensor: weight.name.clone(), problem: p };
+    let problem = |p: String| RewriteError::Tensor {
+        tensor: weight.name.clone(),
+        problem: p,
+    };
     if dq.input.len() > 2 && !dq.input[2].is_empty() {
         return Err(problem("a zero point is not supported".into()));
     }
     let [rows, cols] = weight.dims[..] else {
-        return Err(problem(format!("rank {} (expected a matrix)", weight.dims.len())));
+        return Err(problem(format!(
+            "rank {} (expected a matrix)",
+            weight.dims.len()
+        )));
     };
     let (rows, cols) = (dim(rows).map_err(&problem)?, dim(cols).map_err(&problem)?);
-    let scale_name = dq.input.get(1).ok_or_else(|| problem("no scale input".into()))?;
+    let scale_name = dq
+        .input
+        .get(1)
+        .ok_or_else(|| problem("no scale input".into()))?;
     let scale = graph
         .initializer
         .iter()
@@ -184,19 +213,36 @@ fn binding_for(
     };
     let codes = external_range(weight).map_err(&problem)?;
     if codes.len() != rows * cols {
-        return Err(problem(format!("{} bytes for [{rows}, {cols}]", codes.len())));
+        return Err(problem(format!(
+            "{} bytes for [{rows}, {cols}]",
+            codes.len()
+        )));
     }
     let scales = external_range(scale).map_err(&problem)?;
-    Ok(Fp8Binding { codes, scales, rows, cols, block })
+    Ok(Fp8Binding {
+        codes,
+        scales,
+        rows,
+        cols,
+        block,
+    })
 }
 
 fn dim(d: i64) -> Result<usize, String> {
-    usize::try_from(d).ok().filter(|&d| d > 0).ok_or_else(|| format!("dimension {d}"))
+    usize::try_from(d)
+        .ok()
+        .filter(|&d| d > 0)
+        .ok_or_else(|| format!("dimension {d}"))
 }
 
 /// The byte range of an initializer stored in `model.weights`.
 fn external_range(t: &TensorProto) -> Result<Range<usize>, String> {
-    let entry = |key: &str| t.external_data.iter().find(|e| e.key == key).map(|e| e.value.as_str());
+    let entry = |key: &str| {
+        t.external_data
+            .iter()
+            .find(|e| e.key == key)
+            .map(|e| e.value.as_str())
+    };
     match entry("location") {
         Some("model.weights") => {}
         Some(other) => return Err(format!("external data in `{other}`, not model.weights")),
@@ -210,7 +256,9 @@ fn external_range(t: &TensorProto) -> Result<Range<usize>, String> {
     };
     let offset = number("offset")?;
     let length = number("length")?;
-    let end = offset.checked_add(length).ok_or_else(|| format!("`{}`: offset overflows", t.name))?;
+    let end = offset
+        .checked_add(length)
+        .ok_or_else(|| format!("`{}`: offset overflows", t.name))?;
     Ok(offset..end)
 }
 

@@ -18,7 +18,11 @@ pub struct Args {
     #[arg(long)]
     bundle: PathBuf,
     /// The prompt text.
-    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    #[arg(
+        long,
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
+    )]
     prompt: Option<String>,
     /// The prompt as token ids, comma-separated, fed as they are (no BOS added).
     #[arg(long, value_delimiter = ',')]
@@ -67,7 +71,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .with_writer(std::io::stderr)
         .init();
     let load_start = Instant::now();
-    let options = EngineOptions { threads: args.threads, verify_hashes: args.verify };
+    let options = EngineOptions {
+        threads: args.threads,
+        verify_hashes: args.verify,
+    };
     let engine = Engine::load(&args.bundle, &options)
         .with_context(|| format!("loading {}", args.bundle.display()))?;
     let load_s = load_start.elapsed().as_secs_f64();
@@ -85,7 +92,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         (None, None) => bail!("give --prompt or --prompt-ids"),
     };
 
-    let mut sampling = SamplingParams { temperature: args.temperature, ..SamplingParams::default() };
+    let mut sampling = SamplingParams {
+        temperature: args.temperature,
+        ..SamplingParams::default()
+    };
     if let Some(k) = args.top_k {
         sampling.top_k = k;
     }
@@ -102,8 +112,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         sampling.seed = Some(seed);
     }
     sampling.validate()?;
-    let request =
-        GenerateRequest { prompt, sampling, max_tokens: args.max_tokens, stop: args.stop.clone() };
+    let request = GenerateRequest {
+        prompt,
+        sampling,
+        max_tokens: args.max_tokens,
+        stop: args.stop.clone(),
+    };
 
     let mut session = engine.new_session()?;
     let stdout = std::io::stdout();

@@ -7,7 +7,11 @@ mod serve;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "marengod", version, about = "Offline on-device text generation over D-Bus")]
+#[command(
+    name = "marengod",
+    version,
+    about = "Offline on-device text generation over D-Bus"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
