@@ -20,7 +20,11 @@ use marengo::engine::{Engine, EngineOptions};
 use marengo::memory::MemoryUsage;
 
 #[derive(Parser)]
-#[command(name = "marengo-bench", version, about = "Prefill/decode speed against the memory-bandwidth limit")]
+#[command(
+    name = "marengo-bench",
+    version,
+    about = "Prefill/decode speed against the memory-bandwidth limit"
+)]
 struct Args {
     /// The bundle directory.
     #[arg(long)]
@@ -53,8 +57,14 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let start = Instant::now();
-    let engine = Engine::load(&args.bundle, &EngineOptions { threads: Some(args.threads), verify_hashes: false })
-        .with_context(|| format!("loading {}", args.bundle.display()))?;
+    let engine = Engine::load(
+        &args.bundle,
+        &EngineOptions {
+            threads: Some(args.threads),
+            verify_hashes: false,
+        },
+    )
+    .with_context(|| format!("loading {}", args.bundle.display()))?;
     let load_s = start.elapsed().as_secs_f64();
     let manifest = engine.manifest();
     let vocab = manifest.architecture.vocab_size as u32;
@@ -65,24 +75,38 @@ fn main() -> anyhow::Result<()> {
     let bandwidth = marengo::kernels::measure_read_bandwidth(args.bandwidth_bytes);
 
     let mut tokens = Lcg(0x5eed);
-    let prompt: Vec<u32> = (0..args.prompt_tokens).map(|_| tokens.next(vocab)).collect();
+    let prompt: Vec<u32> = (0..args.prompt_tokens)
+        .map(|_| tokens.next(vocab))
+        .collect();
     let mut session = engine.new_model_session()?;
     let t = Instant::now();
     session.feed(&prompt)?;
     let prefill = args.prompt_tokens as f64 / t.elapsed().as_secs_f64();
 
     session.reset()?;
-    let warm: Vec<u32> = (0..args.short_position).map(|_| tokens.next(vocab)).collect();
+    let warm: Vec<u32> = (0..args.short_position)
+        .map(|_| tokens.next(vocab))
+        .collect();
     session.feed(&warm)?;
     let decode_short = decode(&mut session, &mut tokens, vocab, args.decode_tokens)?;
 
     let decode_long = if args.long_position > 0 {
         if args.long_position + args.decode_tokens > context {
-            bail!("--long-position {} + decode tokens exceed the context of {context}", args.long_position);
+            bail!(
+                "--long-position {} + decode tokens exceed the context of {context}",
+                args.long_position
+            );
         }
-        let fill: Vec<u32> = (session.cached().len()..args.long_position).map(|_| tokens.next(vocab)).collect();
+        let fill: Vec<u32> = (session.cached().len()..args.long_position)
+            .map(|_| tokens.next(vocab))
+            .collect();
         session.feed(&fill)?;
-        Some(decode(&mut session, &mut tokens, vocab, args.decode_tokens)?)
+        Some(decode(
+            &mut session,
+            &mut tokens,
+            vocab,
+            args.decode_tokens,
+        )?)
     } else {
         None
     };
@@ -93,16 +117,36 @@ fn main() -> anyhow::Result<()> {
     println!("quantization          {}", engine.quantization());
     println!("threads               {}", args.threads);
     println!("load (start→ready)    {load_s:.3} s");
-    println!("weights read / token  {:.1} MB", bytes_per_token as f64 / 1e6);
+    println!(
+        "weights read / token  {:.1} MB",
+        bytes_per_token as f64 / 1e6
+    );
     println!("read bandwidth        {:.2} GB/s", bandwidth / 1e9);
-    println!("decode ceiling        {:.2} tok/s", bandwidth / bytes_per_token as f64);
-    println!("prefill               {prefill:.2} tok/s ({} tokens)", args.prompt_tokens);
-    println!("decode @{:<5}         {decode_short:.2} tok/s = {:.3} of bandwidth", args.short_position, fraction);
+    println!(
+        "decode ceiling        {:.2} tok/s",
+        bandwidth / bytes_per_token as f64
+    );
+    println!(
+        "prefill               {prefill:.2} tok/s ({} tokens)",
+        args.prompt_tokens
+    );
+    println!(
+        "decode @{:<5}         {decode_short:.2} tok/s = {:.3} of bandwidth",
+        args.short_position, fraction
+    );
     if let Some(long) = decode_long {
         println!("decode @{:<5}         {long:.2} tok/s", args.long_position);
     }
-    println!("RSS idle (mapped)     anon {:.1} MiB, file {:.1} MiB", mib(idle.anonymous), mib(idle.file));
-    println!("RSS after run         anon {:.1} MiB, file {:.1} MiB", mib(memory.anonymous), mib(memory.file));
+    println!(
+        "RSS idle (mapped)     anon {:.1} MiB, file {:.1} MiB",
+        mib(idle.anonymous),
+        mib(idle.file)
+    );
+    println!(
+        "RSS after run         anon {:.1} MiB, file {:.1} MiB",
+        mib(memory.anonymous),
+        mib(memory.file)
+    );
 
     let mut report = serde_json::json!({
         "load_s": load_s,
@@ -119,9 +163,21 @@ fn main() -> anyhow::Result<()> {
         "file_rss_bytes": memory.file,
     });
     if let (Some(bench), Some(model)) = (&args.llama_bench, &args.llama_model) {
-        let (pp, tg) = llama_bench(bench, model, args.threads, args.prompt_tokens, args.decode_tokens)?;
-        println!("llama.cpp prefill     {pp:.2} tok/s → marengo/llama.cpp {:.2}", prefill / pp);
-        println!("llama.cpp decode      {tg:.2} tok/s → marengo/llama.cpp {:.2}", decode_short / tg);
+        let (pp, tg) = llama_bench(
+            bench,
+            model,
+            args.threads,
+            args.prompt_tokens,
+            args.decode_tokens,
+        )?;
+        println!(
+            "llama.cpp prefill     {pp:.2} tok/s → marengo/llama.cpp {:.2}",
+            prefill / pp
+        );
+        println!(
+            "llama.cpp decode      {tg:.2} tok/s → marengo/llama.cpp {:.2}",
+            decode_short / tg
+        );
         report["llama_cpp_prefill_tokens_per_s"] = pp.into();
         report["llama_cpp_decode_tokens_per_s"] = tg.into();
     }
@@ -152,8 +208,12 @@ fn weight_bytes_per_token(manifest: &Manifest) -> u64 {
         .iter()
         .map(|t| {
             let is_embedding = t.name.contains("embed_tokens")
-                || t.scale_of.as_deref().is_some_and(|s| s.contains("embed_tokens"));
-            let is_rope = t.name.contains("rope") || t.name.contains("cos_cache") || t.name.contains("sin_cache");
+                || t.scale_of
+                    .as_deref()
+                    .is_some_and(|s| s.contains("embed_tokens"));
+            let is_rope = t.name.contains("rope")
+                || t.name.contains("cos_cache")
+                || t.name.contains("sin_cache");
             if (is_embedding && !arch.tie_word_embeddings) || is_rope {
                 let rows = t.shape.first().copied().unwrap_or(1).max(1) as u64;
                 t.length / rows
@@ -169,16 +229,39 @@ fn mib(bytes: u64) -> f64 {
 }
 
 /// Runs llama.cpp's `llama-bench` and returns (prefill, decode) tokens/s.
-fn llama_bench(bench: &PathBuf, model: &PathBuf, threads: usize, prompt: usize, gen: usize) -> anyhow::Result<(f64, f64)> {
+fn llama_bench(
+    bench: &PathBuf,
+    model: &PathBuf,
+    threads: usize,
+    prompt: usize,
+    generated: usize,
+) -> anyhow::Result<(f64, f64)> {
     let output = Command::new(bench)
-        .args(["-m", &model.display().to_string(), "-t", &threads.to_string()])
-        .args(["-p", &prompt.to_string(), "-n", &gen.to_string(), "-o", "json"])
+        .args([
+            "-m",
+            &model.display().to_string(),
+            "-t",
+            &threads.to_string(),
+        ])
+        .args([
+            "-p",
+            &prompt.to_string(),
+            "-n",
+            &generated.to_string(),
+            "-o",
+            "json",
+        ])
         .output()
         .with_context(|| format!("running {}", bench.display()))?;
     if !output.status.success() {
-        bail!("{} failed: {}", bench.display(), String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "{} failed: {}",
+            bench.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
-    let runs: serde_json::Value = serde_json::from_slice(&output.stdout).context("llama-bench JSON")?;
+    let runs: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("llama-bench JSON")?;
     let speed = |key: &str| -> anyhow::Result<f64> {
         runs.as_array()
             .into_iter()
@@ -195,7 +278,10 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next(&mut self, below: u32) -> u32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((self.0 >> 33) % u64::from(below)) as u32
     }
 }
