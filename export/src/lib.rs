@@ -3,13 +3,15 @@
 //! The pipeline is one module per stage: [`checkpoint`] readers hand out one tensor at a time,
 //! [`quant`] encodes it, [`writer`] appends it to the bundle being built, [`graph`] describes the
 //! network over those tensors, and [`convert`] drives the whole. [`synth`] makes random
-//! checkpoints for tests and benchmarks.
+//! checkpoints for tests and benchmarks; [`merge`] makes a SLERP merge of two checkpoints, as a
+//! checkpoint of its own or as a source for the converter.
 
 pub mod checkpoint;
 pub mod convert;
 pub mod gguf;
 pub mod graph;
 pub mod inspect;
+pub mod merge;
 pub mod progress;
 pub mod quant;
 pub mod synth;

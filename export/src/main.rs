@@ -10,6 +10,7 @@ use marengo_export::checkpoint::hf_dir::HfCheckpoint;
 use marengo_export::checkpoint::{CheckpointSource, SourceDtype};
 use marengo_export::convert::{ConvertOptions, convert};
 use marengo_export::inspect::inspect;
+use marengo_export::merge::{DEFAULT_SHARD_BYTES, MergedCheckpoint, write_checkpoint};
 use marengo_export::synth::{SynthOptions, synthesize};
 
 #[derive(Parser)]
@@ -38,11 +39,15 @@ enum Command {
     /// Convert a checkpoint into a bundle directory (written atomically).
     Convert {
         /// HuggingFace checkpoint directory: config.json, safetensors, tokenizer.json.
-        #[arg(required_unless_present = "gguf", conflicts_with = "gguf")]
+        #[arg(required_unless_present_any = ["gguf", "merge"], conflicts_with_all = ["gguf", "merge"])]
         checkpoint: Option<PathBuf>,
         /// Read a GGUF file instead of a checkpoint directory.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "merge")]
         gguf: Option<PathBuf>,
+        /// Convert the SLERP merge a mergekit YAML describes, without writing the merged
+        /// checkpoint (tensors are merged as the converter reads them).
+        #[arg(long, value_name = "YAML")]
+        merge: Option<PathBuf>,
         /// Bundle directory to create.
         #[arg(long)]
         out: PathBuf,
@@ -58,6 +63,25 @@ enum Command {
         #[arg(long)]
         force: bool,
         /// Log each tensor with its quantization error (relative RMS).
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// SLERP-merge two checkpoints as a mergekit YAML describes, into a HuggingFace checkpoint.
+    Merge {
+        /// The merge config (mergekit's YAML: merge_method slerp, base_model, models or
+        /// slices, parameters.t, dtype, out_dtype).
+        #[arg(long, value_name = "YAML")]
+        config: PathBuf,
+        /// Checkpoint directory to create (written atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// Largest safetensors shard, in bytes.
+        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_SHARD_BYTES)]
+        shard_size: u64,
+        /// Replace OUT if it exists and is not empty.
+        #[arg(long)]
+        force: bool,
+        /// Log each tensor's t and coefficients.
         #[arg(long)]
         verbose: bool,
     },
@@ -96,8 +120,12 @@ fn parse_source_dtype(value: &str) -> Result<SourceDtype, String> {
         .ok_or_else(|| format!("unknown dtype {value:?} (bf16, f16, f32)"))
 }
 
-fn init_logging(verbose: bool) {
-    let default = if verbose { "info" } else { "warn" };
+fn init_logging(verbose: bool, merge: bool) {
+    let default = match (verbose, merge) {
+        (true, true) => "info,marengo_export::merge=debug",
+        (true, false) => "info",
+        (false, _) => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -109,12 +137,20 @@ fn init_logging(verbose: bool) {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let verbose = matches!(cli.command, Command::Convert { verbose: true, .. });
-    init_logging(verbose);
+    let verbose = matches!(
+        cli.command,
+        Command::Convert { verbose: true, .. } | Command::Merge { verbose: true, .. }
+    );
+    let merging = matches!(
+        cli.command,
+        Command::Convert { merge: Some(_), .. } | Command::Merge { .. }
+    );
+    init_logging(verbose, merging);
     match cli.command {
         Command::Convert {
             checkpoint,
             gguf,
+            merge,
             out,
             dtype,
             block,
@@ -122,16 +158,22 @@ fn main() -> anyhow::Result<()> {
             force,
             verbose: _,
         } => {
-            let source: Box<dyn CheckpointSource> = match (checkpoint, gguf) {
-                (_, Some(file)) => Box::new(
+            let source: Box<dyn CheckpointSource> = match (checkpoint, gguf, merge) {
+                (_, Some(file), _) => Box::new(
                     GgufCheckpoint::open(&file)
                         .with_context(|| format!("reading {}", file.display()))?,
                 ),
-                (Some(dir), None) => Box::new(
+                (_, _, Some(yaml)) => Box::new(
+                    MergedCheckpoint::open(&yaml)
+                        .with_context(|| format!("preparing the merge {}", yaml.display()))?,
+                ),
+                (Some(dir), None, None) => Box::new(
                     HfCheckpoint::open(&dir)
                         .with_context(|| format!("reading checkpoint {}", dir.display()))?,
                 ),
-                (None, None) => anyhow::bail!("give a CHECKPOINT_DIR or --gguf FILE"),
+                (None, None, None) => {
+                    anyhow::bail!("give a CHECKPOINT_DIR, --gguf FILE or --merge YAML")
+                }
             };
             let opts = ConvertOptions {
                 out: out.clone(),
@@ -147,6 +189,19 @@ fn main() -> anyhow::Result<()> {
             };
             convert(source.as_ref(), &opts)
                 .with_context(|| format!("exporting to {}", out.display()))?;
+            Ok(())
+        }
+        Command::Merge {
+            config,
+            out,
+            shard_size,
+            force,
+            verbose: _,
+        } => {
+            let merge = MergedCheckpoint::open(&config)
+                .with_context(|| format!("preparing the merge {}", config.display()))?;
+            write_checkpoint(&merge, &out, force, shard_size)
+                .with_context(|| format!("merging into {}", out.display()))?;
             Ok(())
         }
         Command::Inspect { bundle, verify } => {

@@ -8,8 +8,8 @@ use serde_json::Value;
 use super::config::TokenIds;
 use super::safetensors::SafetensorsFiles;
 use super::{
-    CheckpointError, CheckpointSource, ModelConfig, SourceDigest, SourceTensor, TokenizerFiles,
-    file_digest,
+    CheckpointError, CheckpointSource, ModelConfig, SourceDigest, SourceDtype, SourceTensor,
+    TokenizerFiles, file_digest,
 };
 
 const CONFIG_FILE: &str = "config.json";
@@ -45,6 +45,16 @@ impl HfCheckpoint {
     /// The shard holding a tensor, for error messages.
     pub fn file_of(&self, tensor: &str) -> Option<&Path> {
         self.weights.file_of(tensor)
+    }
+
+    /// A tensor's dtype and shape from the safetensors header, without reading it.
+    pub fn header_of(&self, tensor: &str) -> Option<(SourceDtype, &[usize])> {
+        self.weights.header_of(tensor)
+    }
+
+    /// The checkpoint directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn read_json(&self, name: &str) -> Result<Option<Value>, CheckpointError> {

@@ -205,6 +205,14 @@ impl SafetensorsFiles {
             .map(|loc| self.shards[loc.shard].path.as_path())
     }
 
+    /// A tensor's dtype and shape from the header, without mapping its data: lets a merge
+    /// check both parents completely before reading any weight.
+    pub fn header_of(&self, name: &str) -> Option<(SourceDtype, &[usize])> {
+        self.tensors
+            .get(name)
+            .map(|loc| (loc.dtype, loc.shape.as_slice()))
+    }
+
     /// Bytes of all tensors.
     pub fn total_bytes(&self) -> u64 {
         self.tensors.values().map(|loc| loc.end - loc.start).sum()
