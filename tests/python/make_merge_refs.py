@@ -13,6 +13,9 @@ What it makes:
   parent-a also gets a small word-level tokenizer, which the merge copies.
 - CASE/expected.safetensors and CASE/expected-config.json for each CASE/slerp.yml:
   mergekit's merged weights and config.json.
+- coefficients.json: for t = 0.37 and every tensor pair of both parent pairs, the f32 norms,
+  cos θ and coefficients inside mergekit's slerp(), as bits: the tests check marengo's
+  coefficients themselves, not only the bf16 weights they round to.
 - chunked/expected.json: the sha256 of every tensor mergekit makes from two synth parents of
   chunked-mistral.json (seeds 1 and 2, bf16), whose embedding and LM head span two of
   mergekit's 2^20-element chunks. The test regenerates those parents with synth.
@@ -37,6 +40,56 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "merge"
 CASES = ["constant-t", "filter-gradient", "two-slices"]
+# t of the coefficient table: not a round number, so that 1 - t and t·θ round.
+COEFFICIENT_T = 0.37
+
+
+def mergekit_coefficients(v0, v1, t):
+    """The f32 intermediates of mergekit's slerp() for one tensor pair (its own code, cut
+    before the element-wise step): norms, cos θ and the two coefficients."""
+    from mergekit.merge_methods import slerp as mk
+
+    dtype = torch.float32
+    a = v0.reshape(1, -1)
+    b = v1.reshape(1, -1)
+    t = torch.tensor([t], dtype=torch.float32).reshape(-1, 1).to(dtype)
+    chunk_size = max(1, mk._CHUNK_ELEMENTS // a.shape[0])
+    norm_a_parts, norm_b_parts = [], []
+    for start in range(0, a.shape[1], chunk_size):
+        x = a[:, start : start + chunk_size].to(dtype)
+        y = b[:, start : start + chunk_size].to(dtype)
+        norm_a_parts.append(torch.linalg.vector_norm(x, dim=1, keepdim=True))
+        norm_b_parts.append(torch.linalg.vector_norm(y, dim=1, keepdim=True))
+    norm_a = torch.linalg.vector_norm(torch.stack(norm_a_parts), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack(norm_b_parts), dim=0)
+    norm_a = torch.where(norm_a > 1e-8, norm_a, 1)
+    norm_b = torch.where(norm_b > 1e-8, norm_b, 1)
+    dot_parts = []
+    for start in range(0, a.shape[1], chunk_size):
+        x = a[:, start : start + chunk_size].to(dtype) / norm_a
+        y = b[:, start : start + chunk_size].to(dtype) / norm_b
+        dot_parts.append((x * y).sum(dim=1, keepdim=True))
+    dot = torch.stack(dot_parts).sum(dim=0).clamp(-1, 1)
+    linear = dot.abs() > 0.9995
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    coef_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    # Cross-check the cut-down copy against mergekit's own function.
+    merged = mk.slerp(t, v0.unsqueeze(0), v1.unsqueeze(0))[0]
+    expected = (coef_a * a.to(dtype) + coef_b * b.to(dtype)).to(v0.dtype).reshape(v0.shape)
+    assert torch.equal(merged, expected), "the copy of mergekit's slerp drifted"
+    bits = lambda x: f"{x.reshape(()).view(torch.int32).item() & 0xFFFFFFFF:08x}"
+    return {
+        "norm_a": bits(norm_a), "norm_b": bits(norm_b), "dot": bits(dot),
+        "base": bits(coef_a), "other": bits(coef_b), "linear": bool(linear.item()),
+    }
+
+
+def coefficient_table(parent_a, parent_b, t):
+    a = load_file(parent_a / "model.safetensors")
+    b = load_file(parent_b / "model.safetensors")
+    return {name: mergekit_coefficients(a[name], b[name], t) for name in sorted(a)}
 
 
 def run(*args, **kwargs):
@@ -128,6 +181,13 @@ def main():
         synth(exe, FIXTURES / "chunked-mistral.json", chunked / "parent-b", 2)
         shutil.copy(FIXTURES / "chunked" / "slerp.yml", chunked / "slerp.yml")
         mergekit(chunked / "slerp.yml", chunked / "out", copy_tokenizer=False)
+        torch.set_num_threads(1)
+        table = {
+            "t": COEFFICIENT_T,
+            "tiny": coefficient_table(parent_a, parent_b, COEFFICIENT_T),
+            "chunked": coefficient_table(chunked / "parent-a", chunked / "parent-b", COEFFICIENT_T),
+        }
+        (FIXTURES / "coefficients.json").write_text(json.dumps(table, indent=1) + "\n")
         merged = load_file(chunked / "out" / "model.safetensors")
         table = {
             name: {

@@ -51,6 +51,8 @@ pub struct Coefficients {
     pub linear: bool,
     /// cos θ, clamped to [-1, 1].
     pub dot: f32,
+    /// ‖base‖ and ‖other‖ as used to normalise (1 for a zero tensor).
+    pub norms: (f32, f32),
 }
 
 impl Slerp {
@@ -122,6 +124,7 @@ impl Slerp {
                 other: t,
                 linear: true,
                 dot,
+                norms: (norm_a, norm_b),
             };
         }
         let theta = acos(dot);
@@ -131,6 +134,7 @@ impl Slerp {
             other: sin(t * theta) / sin_theta,
             linear: false,
             dot,
+            norms: (norm_a, norm_b),
         }
     }
 

@@ -129,25 +129,26 @@ fn promote(a: SourceDtype, b: SourceDtype) -> SourceDtype {
     if a == b { a } else { SourceDtype::F32 }
 }
 
+/// One compared `config.json` field: its name and how to print it from an [`Architecture`].
+type Field = fn(&Architecture) -> String;
+
 fn compare_architectures(
     base: &HfCheckpoint,
     other: &HfCheckpoint,
     config: &MergeConfig,
 ) -> Result<(), MergeError> {
     let (a, b) = (&base.config().architecture, &other.config().architecture);
-    let fields: [(&'static str, &dyn Fn(&Architecture) -> String); 10] = [
-        ("architecture", &|x| x.family.clone()),
-        ("hidden_size", &|x| x.hidden_size.to_string()),
-        ("num_attention_heads", &|x| x.num_heads.to_string()),
-        ("num_key_value_heads", &|x| x.num_kv_heads.to_string()),
-        ("head_dim", &|x| x.head_dim.to_string()),
-        ("intermediate_size", &|x| x.intermediate_size.to_string()),
-        ("vocab_size", &|x| x.vocab_size.to_string()),
-        ("rope_theta", &|x| x.rope_theta.to_string()),
-        ("rms_norm_eps", &|x| x.rms_norm_eps.to_string()),
-        ("tie_word_embeddings", &|x| {
-            x.tie_word_embeddings.to_string()
-        }),
+    let fields: [(&'static str, Field); 10] = [
+        ("architecture", |x| x.family.clone()),
+        ("hidden_size", |x| x.hidden_size.to_string()),
+        ("num_attention_heads", |x| x.num_heads.to_string()),
+        ("num_key_value_heads", |x| x.num_kv_heads.to_string()),
+        ("head_dim", |x| x.head_dim.to_string()),
+        ("intermediate_size", |x| x.intermediate_size.to_string()),
+        ("vocab_size", |x| x.vocab_size.to_string()),
+        ("rope_theta", |x| x.rope_theta.to_string()),
+        ("rms_norm_eps", |x| x.rms_norm_eps.to_string()),
+        ("tie_word_embeddings", |x| x.tie_word_embeddings.to_string()),
     ];
     for (field, get) in fields {
         let (base_value, other_value) = (get(a), get(b));

@@ -135,9 +135,10 @@ fn multi_row_sum<V: Acc>(values: &[V], rows: usize) -> [V; ILP] {
             i += 1;
         }
         for level in 1..LEVELS {
-            for k in 0..ILP {
-                acc[level][k] = acc[level][k].add(acc[level - 1][k]);
-                acc[level - 1][k] = V::ZERO;
+            let (lower, upper) = acc.split_at_mut(level);
+            for (carry, slot) in lower[level - 1].iter_mut().zip(upper[0].iter_mut()) {
+                *slot = slot.add(*carry);
+                *carry = V::ZERO;
             }
             if i & (mask << (level * power)) != 0 {
                 break;
