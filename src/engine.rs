@@ -283,7 +283,6 @@ impl Session {
                 break FinishReason::Length;
             }
             let id = sampler.sample(&logits)?;
-            sampler.observe(&[id]);
             tokens.push(id);
             if self.engine.is_eos(id) {
                 break FinishReason::Stop;

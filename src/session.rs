@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::internal::TractErrorContext;
 
 use crate::model::{Model, ModelError, ModelState};
 

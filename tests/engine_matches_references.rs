@@ -16,7 +16,6 @@ use safetensors::SafeTensors;
 const TOLERANCE: f32 = 1e-3;
 
 struct Golden {
-    name: &'static str,
     config: PathBuf,
     synth_args: Vec<String>,
     prompt: Vec<u32>,
@@ -55,7 +54,6 @@ fn golden(name: &'static str) -> Golden {
             .collect()
     };
     Golden {
-        name,
         config: repo().join(meta["config"].as_str().expect("config")),
         synth_args: meta["synth_args"]
             .as_array()
@@ -72,6 +70,10 @@ fn golden(name: &'static str) -> Golden {
 }
 
 fn marengo_export() -> PathBuf {
+    // The aarch64 run under qemu-user uses the host's exporter: the bundle is the same.
+    if let Some(path) = std::env::var_os("MARENGO_EXPORT") {
+        return PathBuf::from(path);
+    }
     let exe = std::env::current_exe().expect("test binary path");
     let profile = exe
         .parent()

@@ -48,6 +48,8 @@ impl PartialEq for MappedFp8 {
     }
 }
 
+impl Eq for MappedFp8 {}
+
 impl MappedFp8 {
     /// Checks that the ranges lie inside the mapping and agree with the shape, so that the
     /// kernels can trust them.
@@ -117,7 +119,7 @@ impl MappedFp8 {
 }
 
 /// `y = x · Wᵀ` for f32 `x[.., cols]`, giving `y[.., rows]`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Fp8Linear {
     pub weight: MappedFp8,
 }
@@ -154,8 +156,10 @@ impl EvalOp for Fp8Linear {
         let mut y = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
         let matrix = self.weight.matrix()?;
         {
-            let xs = x.try_as_plain()?.as_slice::<f32>()?;
-            let ys = y.try_as_plain_mut()?.as_slice_mut::<f32>()?;
+            let xview = x.try_as_plain_ram()?;
+            let xs = xview.as_slice::<f32>()?;
+            let mut yview = y.try_as_plain_ram_mut()?;
+            let ys = yview.as_slice_mut::<f32>()?;
             if m == 1 {
                 matrix.matvec(xs, ys)
             } else {
@@ -187,7 +191,7 @@ impl TypedOp for Fp8Linear {
 }
 
 /// The embedding lookup: rows of an FP8 table for integer ids `[..]`, giving `[.., cols]`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Fp8Gather {
     pub table: MappedFp8,
 }
@@ -211,7 +215,7 @@ impl EvalOp for Fp8Gather {
         let ids = args_1!(inputs);
         let ids = ids.cast_to::<i64>()?;
         let rows = ids
-            .try_as_plain()?
+            .try_as_plain_ram()?
             .as_slice::<i64>()?
             .iter()
             .map(|&id| {
@@ -231,7 +235,7 @@ impl EvalOp for Fp8Gather {
         let mut y = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
         self.table
             .matrix()?
-            .gather_rows(&rows, y.try_as_plain_mut()?.as_slice_mut::<f32>()?)
+            .gather_rows(&rows, y.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?)
             .map_err(|e| format_err!("{}: {e}", self.table.name))?;
         Ok(tvec!(y.into_tvalue()))
     }
@@ -292,18 +296,18 @@ impl Expansion for Fp8Node {
                     for ax in 0..rank - 1 {
                         s.equals(&inputs[0].shape[ax], &outputs[0].shape[ax])?;
                     }
-                    s.equals(&outputs[0].shape[rank - 1], rows)
+                    s.equals(&outputs[0].shape[rank - 1], rows.clone())
                 })
             }
             Fp8NodeKind::Gather => {
                 let cols = self.cols.to_dim();
-                s.equals(&inputs[0].rank + 1, &outputs[0].rank)?;
                 s.given(&inputs[0].rank, move |s, rank| {
+                    s.equals(&outputs[0].rank, rank + 1)?;
                     let rank = rank as usize;
                     for ax in 0..rank {
                         s.equals(&inputs[0].shape[ax], &outputs[0].shape[ax])?;
                     }
-                    s.equals(&outputs[0].shape[rank], cols)
+                    s.equals(&outputs[0].shape[rank], cols.clone())
                 })
             }
         }

@@ -16,9 +16,10 @@ use memmap2::Mmap;
 use prost::Message;
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb;
-use tract_onnx::pb_helpers::*;
 use tract_onnx::prelude::*;
-use tract_onnx::tract_hir::internal::{Expansion, InferenceOp, expand};
+use tract_onnx::tract_hir::internal::{
+    Expansion, InferenceOp, TractErrorContext, expand, format_err,
+};
 
 use fp8_ops::{Fp8Node, Fp8NodeKind, MappedFp8};
 

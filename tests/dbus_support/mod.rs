@@ -53,6 +53,10 @@ pub fn run(command: &mut Command) -> String {
 
 /// The `marengo-export` binary of this build (the workspace's test run builds it).
 fn marengo_export() -> PathBuf {
+    // The aarch64 run under qemu-user uses the host's exporter: the bundle is the same.
+    if let Some(path) = std::env::var_os("MARENGO_EXPORT") {
+        return PathBuf::from(path);
+    }
     let exe = std::env::current_exe().expect("the test binary knows its path");
     let profile_dir = exe
         .parent()
