@@ -67,15 +67,18 @@ impl Slerp {
             .for_each(|(block, dest)| {
                 let start = block * ELEMENTWISE_BLOCK;
                 let count = dest.len() / size;
-                let mut a = vec![0f32; count];
-                let mut b = vec![0f32; count];
-                self.load(base, start, &mut a);
-                self.load(other, start, &mut b);
-                for ((dest, &x), &y) in dest.chunks_exact_mut(size).zip(&a).zip(&b) {
-                    // Two rounded products and a rounded sum, as three torch kernels do it.
-                    let merged = coefficients.base * x + coefficients.other * y;
-                    store(self.out, round_to(self.work, merged), dest);
+                let mut a = self.load(base, start, count);
+                let b = self.load(other, start, count);
+                // Two rounded products and a rounded sum, as three torch kernels do it.
+                for (x, &y) in a.iter_mut().zip(&b) {
+                    *x = coefficients.base * *x + coefficients.other * y;
                 }
+                if self.out != self.work {
+                    for x in a.iter_mut() {
+                        *x = round_to(self.work, *x);
+                    }
+                }
+                store(self.out, &a, dest);
             });
         (out, coefficients)
     }
@@ -90,10 +93,8 @@ impl Slerp {
         let norms: Vec<(f32, f32)> = chunks
             .par_iter()
             .map(|&start| {
-                let mut a = vec![0f32; chunk_len(start)];
-                let mut b = vec![0f32; chunk_len(start)];
-                self.load(base, start, &mut a);
-                self.load(other, start, &mut b);
+                let a = self.load(base, start, chunk_len(start));
+                let b = self.load(other, start, chunk_len(start));
                 (torch_order::norm(&a), torch_order::norm(&b))
             })
             .collect();
@@ -106,10 +107,8 @@ impl Slerp {
         let dots: Vec<f32> = chunks
             .par_iter()
             .map(|&start| {
-                let mut a = vec![0f32; chunk_len(start)];
-                let mut b = vec![0f32; chunk_len(start)];
-                self.load(base, start, &mut a);
-                self.load(other, start, &mut b);
+                let mut a = self.load(base, start, chunk_len(start));
+                let b = self.load(other, start, chunk_len(start));
                 for (x, &y) in a.iter_mut().zip(&b) {
                     *x = (*x / norm_a) * (y / norm_b);
                 }
@@ -138,16 +137,30 @@ impl Slerp {
         }
     }
 
-    /// Elements `start..start + out.len()` of `operand`, converted to the merge dtype, as f32.
-    fn load(&self, operand: Operand, start: usize, out: &mut [f32]) {
+    /// Elements `start..start + len` of `operand`, converted to the merge dtype, as f32.
+    fn load(&self, operand: Operand, start: usize, len: usize) -> Vec<f32> {
         let size = operand.dtype.size();
-        let bytes = &operand.bytes[start * size..(start + out.len()) * size];
-        operand.dtype.widen_into(bytes, out);
+        let bytes = &operand.bytes[start * size..(start + len) * size];
+        let mut out = match operand.dtype {
+            // bf16 is the top half of an f32: a shift the compiler vectorises.
+            SourceDtype::Bf16 => bytes
+                .as_chunks::<2>()
+                .0
+                .iter()
+                .map(|b| f32::from_bits(u32::from(u16::from_le_bytes(*b)) << 16))
+                .collect(),
+            other => {
+                let mut out = vec![0f32; len];
+                other.widen_into(bytes, &mut out);
+                out
+            }
+        };
         if operand.dtype != self.work {
             for v in out.iter_mut() {
                 *v = round_to(self.work, *v);
             }
         }
+        out
     }
 }
 
@@ -160,12 +173,36 @@ fn round_to(dtype: SourceDtype, x: f32) -> f32 {
     }
 }
 
-fn store(dtype: SourceDtype, x: f32, dest: &mut [u8]) {
+/// Stores `values` as little-endian `dtype`, rounding to nearest-even.
+fn store(dtype: SourceDtype, values: &[f32], dest: &mut [u8]) {
     match dtype {
-        SourceDtype::Bf16 => dest.copy_from_slice(&bf16::from_f32(x).to_le_bytes()),
-        SourceDtype::F16 => dest.copy_from_slice(&f16::from_f32(x).to_le_bytes()),
-        SourceDtype::F32 => dest.copy_from_slice(&x.to_le_bytes()),
+        SourceDtype::Bf16 => {
+            for (d, &x) in dest.as_chunks_mut::<2>().0.iter_mut().zip(values) {
+                *d = bf16_bits(x).to_le_bytes();
+            }
+        }
+        SourceDtype::F16 => {
+            for (d, &x) in dest.as_chunks_mut::<2>().0.iter_mut().zip(values) {
+                *d = f16::from_f32(x).to_le_bytes();
+            }
+        }
+        SourceDtype::F32 => {
+            for (d, &x) in dest.as_chunks_mut::<4>().0.iter_mut().zip(values) {
+                *d = x.to_le_bytes();
+            }
+        }
     }
+}
+
+/// `bf16::from_f32` without its branches, so that the store loop vectorises: add half an ulp
+/// (less one, plus the lowest kept bit for ties to even) and truncate. NaNs stay quiet NaNs.
+fn bf16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) as u16) | 0x0040;
+    }
+    let round = 0x7FFF + ((bits >> 16) & 1);
+    (bits.wrapping_add(round) >> 16) as u16
 }
 
 /// f32 arccos, correctly rounded (through f64). torch takes it from MKL's vector library (or
@@ -210,6 +247,43 @@ mod tests {
         let mut values = vec![0f32; len];
         SourceDtype::F32.widen_into(&out, &mut values);
         (values, c)
+    }
+
+    #[test]
+    fn bf16_rounding_is_halfs() {
+        let mut samples = vec![
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            1e-40,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            f32::from_bits(0x7f7f_ffff),
+        ];
+        let mut state = 0x9e37_79b9_u32;
+        for _ in 0..100_000 {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            let x = f32::from_bits(state);
+            if !x.is_nan() {
+                samples.push(x);
+            }
+        }
+        for x in samples {
+            assert_eq!(
+                bf16_bits(x),
+                bf16::from_f32(x).to_bits(),
+                "{x:e} ({:08x})",
+                x.to_bits()
+            );
+        }
+        assert!(bf16::from_bits(bf16_bits(f32::NAN)).is_nan());
     }
 
     #[test]
