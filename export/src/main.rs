@@ -69,7 +69,8 @@ enum Command {
     /// SLERP-merge two checkpoints as a mergekit YAML describes, into a HuggingFace checkpoint.
     Merge {
         /// The merge config (mergekit's YAML: merge_method slerp, base_model, models or
-        /// slices, parameters.t, dtype, out_dtype).
+        /// slices, parameters.t, dtype, out_dtype). Relative model paths are taken from the
+        /// YAML's directory.
         #[arg(long, value_name = "YAML")]
         config: PathBuf,
         /// Checkpoint directory to create (written atomically).

@@ -6,7 +6,8 @@
 //!
 //! Read from mergekit 0.1.5 (`merge_methods/slerp.py`, `merge_methods/base.py`,
 //! `merge_methods/batching.py`, `plan.py`, `config.py`, `io/tasks.py`) and checked against its
-//! output (`tests/python/make_merge_refs.py`, `export/tests/merge_matches_mergekit.rs`).
+//! output (`tests/python/make_merge_refs.py`, `export/tests/merge_matches_mergekit.rs`,
+//! `export/tests/merge_coefficients_match_torch.rs`).
 //!
 //! - **Inputs.** Both tensors are converted to `dtype` when the config gives one (mergekit's
 //!   loader casts on load), else kept in their own dtype (two different dtypes meet in f32,
@@ -17,8 +18,8 @@
 //! - **Angle.** Each tensor is flattened whole (mergekit merges one tensor per batch). Norms are
 //!   computed per chunk of 2^20 elements and then as the norm of the chunk norms; a norm at or
 //!   below `1e-8` becomes 1. The dot product is of normalised copies, `(a/‖a‖)·(b/‖b‖)`, summed
-//!   per chunk and then over chunks, and clamped to [-1, 1]. Sums follow PyTorch's own order
-//!   ([`torch_order`]), so these f32 values are mergekit's bit for bit.
+//!   per chunk and then over chunks, and clamped to [-1, 1]. Sums follow PyTorch's own
+//!   (one-thread) order ([`torch_order`]), so these f32 values are mergekit's bit for bit.
 //! - **Colinear pairs.** When `|cos θ| > 0.9995` (`dot_threshold`, compared in f32) the result
 //!   is `(1 - t)·a + t·b`; otherwise `sin((1 - t)θ)/sin θ · a + sin(tθ)/sin θ · b` with
 //!   `θ = acos(cos θ)`. `t` is rounded to f32 first and `1 - t` is taken in f32. The result is
