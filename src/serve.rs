@@ -25,6 +25,9 @@ use crate::systemd;
 /// signals to be sent; systemd is promised an exit within 2 s of SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 
+/// How long connecting to the bus and owning the name may take.
+const BUS_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How often the status line is refreshed.
 const STATUS_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -84,6 +87,11 @@ pub enum ServeError {
     Connect { bus: String, source: zbus::Error },
     #[error("cannot own {BUS_NAME} on the {bus}: {source}")]
     Name { bus: String, source: zbus::Error },
+    #[error(
+        "the {bus} did not let {BUS_NAME} be owned within {seconds} s (does its policy let \
+         this user own the name and receive the bus's signals?)"
+    )]
+    BusTimeout { bus: String, seconds: u64 },
     #[error("D-Bus failure: {0}")]
     Bus(#[from] zbus::Error),
     #[error("cannot start the async runtime or a signal handler: {0}")]
@@ -135,50 +143,25 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     let mut sigint = signal(SignalKind::interrupt())?;
 
     let bus = bus_name(&config.bus);
-    tracing::info!(bundle = %config.bundle.display(), %bus, "loading the model");
-    systemd::notify_status("loading the model");
-    let scheduler = start_scheduler(&config).await?;
-    let model = {
-        let engine = scheduler.engine().map_err(|source| ServeError::Bundle {
-            path: config.bundle.clone(),
-            source,
-        })?;
-        ModelInfo {
-            name: engine.model_name().to_owned(),
-            context_length: u32::try_from(engine.context_length()).unwrap_or(u32::MAX),
-            quantization: engine.quantization(),
+    // A signal during the start ends the process at once: nothing is served yet.
+    let started = tokio::select! {
+        started = start(&config, &bus) => started?,
+        _ = sigterm.recv() => {
+            tracing::info!("SIGTERM before the service was ready: exiting");
+            return Ok(());
+        }
+        _ = sigint.recv() => {
+            tracing::info!("SIGINT before the service was ready: exiting");
+            return Ok(());
         }
     };
-
-    let streams = Arc::new(Streams::default());
-    let service = Llm1::new(
-        Arc::clone(&scheduler),
-        model.clone(),
-        config.default_max_tokens,
-        Arc::clone(&streams),
-    );
-    let builder = match &config.bus {
-        BusChoice::System => Builder::system(),
-        BusChoice::Session => Builder::session(),
-        BusChoice::Address(address) => Builder::address(address.as_str()),
-    };
-    let connection = builder
-        .serve_at(OBJECT_PATH, service)
-        .build()
-        .await
-        .map_err(|source| ServeError::Connect {
-            bus: bus.clone(),
-            source,
-        })?;
-    // Watch departures before owning the name, so that no client can leave unnoticed.
-    let departures = watch_departures(&connection, Arc::clone(&scheduler)).await?;
-    connection
-        .request_name(BUS_NAME)
-        .await
-        .map_err(|source| ServeError::Name {
-            bus: bus.clone(),
-            source,
-        })?;
+    let Started {
+        scheduler,
+        model,
+        streams,
+        connection,
+        departures,
+    } = started;
 
     tracing::info!(
         model = %model.name,
@@ -213,6 +196,83 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     // Queued signals are written before the connection closes.
     connection.graceful_shutdown().await;
     Ok(())
+}
+
+/// Everything that runs once the daemon is ready.
+struct Started {
+    scheduler: Arc<Scheduler>,
+    model: ModelInfo,
+    streams: Arc<Streams>,
+    connection: Connection,
+    departures: tokio::task::JoinHandle<()>,
+}
+
+/// Loads the model, connects and owns the name. The bus part is bounded by [`BUS_TIMEOUT`]:
+/// a bus that accepts the connection but never answers (or withholds `NameAcquired` under a
+/// too strict policy) is a start failure with a message, not a daemon that hangs unready.
+async fn start(config: &Config, bus: &str) -> Result<Started, ServeError> {
+    tracing::info!(bundle = %config.bundle.display(), %bus, "loading the model");
+    systemd::notify_status("loading the model");
+    let scheduler = start_scheduler(config).await?;
+    let model = {
+        let engine = scheduler.engine().map_err(|source| ServeError::Bundle {
+            path: config.bundle.clone(),
+            source,
+        })?;
+        ModelInfo {
+            name: engine.model_name().to_owned(),
+            context_length: u32::try_from(engine.context_length()).unwrap_or(u32::MAX),
+            quantization: engine.quantization(),
+        }
+    };
+
+    let streams = Arc::new(Streams::default());
+    let service = Llm1::new(
+        Arc::clone(&scheduler),
+        model.clone(),
+        config.default_max_tokens,
+        Arc::clone(&streams),
+    );
+    let on_bus = async {
+        let builder = match &config.bus {
+            BusChoice::System => Builder::system(),
+            BusChoice::Session => Builder::session(),
+            BusChoice::Address(address) => Builder::address(address.as_str()),
+        };
+        let connection = builder
+            .serve_at(OBJECT_PATH, service)
+            .build()
+            .await
+            .map_err(|source| ServeError::Connect {
+                bus: bus.to_owned(),
+                source,
+            })?;
+        // Watch departures before owning the name, so that no client can leave unnoticed.
+        let departures = watch_departures(&connection, Arc::clone(&scheduler)).await?;
+        connection
+            .request_name(BUS_NAME)
+            .await
+            .map_err(|source| ServeError::Name {
+                bus: bus.to_owned(),
+                source,
+            })?;
+        Ok::<_, ServeError>((connection, departures))
+    };
+    let (connection, departures) =
+        tokio::time::timeout(BUS_TIMEOUT, on_bus)
+            .await
+            .map_err(|_| ServeError::BusTimeout {
+                bus: bus.to_owned(),
+                seconds: BUS_TIMEOUT.as_secs(),
+            })??;
+
+    Ok(Started {
+        scheduler,
+        model,
+        streams,
+        connection,
+        departures,
+    })
 }
 
 async fn start_scheduler(config: &Config) -> Result<Arc<Scheduler>, ServeError> {

@@ -5,6 +5,7 @@
 //! journal protocols are datagrams on a socket, and keeping C out of the link keeps the arm64
 //! cross build simple. Every call is a no-op when the daemon does not run under systemd.
 
+use std::io::IsTerminal;
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
@@ -25,8 +26,14 @@ pub fn init_logging(level: &str) {
         registry.with(journald).init();
         return;
     }
+    // Colours only for a person at a terminal: a log file or a pipe gets plain text.
+    let ansi = std::io::stderr().is_terminal();
     registry
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(ansi)
+                .with_writer(std::io::stderr),
+        )
         .init();
 }
 

@@ -73,11 +73,17 @@ async fn busy_past_the_bounds_and_clients_take_turns() {
     // Every request ends; a1 as cancelled.
     let mut alice_reasons: HashMap<String, String> = HashMap::new();
     while alice_reasons.len() < 4 {
-        if let Some(Signal::Finished {
-            request, reason, ..
-        }) = next_signal(&mut observed, Duration::from_secs(60)).await
-        {
-            alice_reasons.insert(request, reason);
+        match next_signal(&mut observed, Duration::from_secs(60)).await {
+            Some(Signal::Finished {
+                request, reason, ..
+            }) => {
+                alice_reasons.insert(request, reason);
+            }
+            Some(Signal::Token { .. }) => {}
+            None => panic!(
+                "alice's requests did not all finish ({alice_reasons:?}); log:\n{}",
+                daemon.log_text()
+            ),
         }
     }
     assert_eq!(alice_reasons[a1.as_str()], "cancelled");

@@ -210,7 +210,7 @@ impl Llm1 {
         let mut text = String::new();
         while let Some(event) = events.recv().await {
             match event {
-                Event::Text(piece) => text.push_str(&piece),
+                Event::Text(piece) => text.push_str(&wire_text(&piece)),
                 Event::Finished(finished) => {
                     if let Some(error) = &finished.error {
                         return Err(Llm1Error::Internal(error.clone()));
@@ -263,6 +263,7 @@ impl Llm1 {
             engine
                 .tokenizer()
                 .decode(&tokens, true)
+                .map(|text| wire_text(&text).into_owned())
                 .map_err(|e| match e {
                     TokenizerError::UnknownId { .. } => Llm1Error::InvalidArgument(e.to_string()),
                     _ => Llm1Error::Internal(e.to_string()),
@@ -334,7 +335,7 @@ async fn forward(
     reply_sent.await;
     while let Some(event) = events.recv().await {
         let sent = match &event {
-            Event::Text(text) => Llm1::token(&emitter, path.as_ref(), text).await,
+            Event::Text(text) => Llm1::token(&emitter, path.as_ref(), &wire_text(text)).await,
             Event::Finished(finished) => {
                 Llm1::finished(
                     &emitter,
@@ -351,6 +352,17 @@ async fn forward(
         if matches!(event, Event::Finished(_)) {
             return;
         }
+    }
+}
+
+/// Text as D-Bus can carry it. A model can generate U+0000 (e.g. the byte token `<0x00>`),
+/// but a D-Bus string must not contain it, and the bus disconnects a sender whose message
+/// has one — every client's stream would end. It becomes U+FFFD, as undecodable bytes do.
+fn wire_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
     }
 }
 

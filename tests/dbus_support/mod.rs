@@ -133,7 +133,10 @@ impl Bus {
   <listen>unix:path={}</listen>
   <auth>EXTERNAL</auth>
   <policy context="default">
-    <allow send_destination="*"/>
+    <!-- As Debian's session.conf, but nobody may eavesdrop. Without the receive rule the
+         bus withholds NameAcquired, on which a client's name request waits. -->
+    <allow send_destination="*" eavesdrop="false"/>
+    <allow eavesdrop="false"/>
     <allow own="*"/>
   </policy>
 </busconfig>
