@@ -21,7 +21,8 @@ say "== prerequisites"
 gguf="$(.ci/smollm2.sh)"
 
 say "== build (release; the first time takes a while)"
-cargo build --release --bin marengod --bin marengoctl -p marengo -p marengo-export
+# The whole workspace, as the tests build it: the same features, so no second build.
+cargo build --release --workspace --bins
 
 mkdir -p "$work"
 if [[ ! -f "$bundle/bundle.json" ]]; then

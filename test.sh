@@ -5,6 +5,11 @@
 #
 # Lints (`cargo clippy --workspace --all-targets -- -D warnings`) are kept clean by developers
 # but not run here: a second, check-mode build of tract does not fit CI's time on 2 cores.
+#
+# Not yet in this run (their scripts exist, their stages are not yet timed on a fresh clone
+# within CI's 90 minutes): the aarch64 stage (`.ci/aarch64.sh test --release --workspace --lib
+# --test engine_matches_references`, with MARENGO_EXPORT pointing at the host's exporter) and
+# the packages (`.ci/packaging.sh`).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -14,25 +19,13 @@ export CARGO_TERM_COLOR=never
 stage() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 
 stage "prerequisites"
-.ci/setup.sh
-# The Debian rootfs for the container test downloads while the code builds.
-tests/packaging/rootfs.sh >/dev/null 2>&1 &
-rootfs=$!
+.ci/dbus-deps.sh
+.ci/python-venv.sh
+.ci/smollm2.sh >/dev/null
 
 stage "format"
 cargo fmt --all -- --check
 
-stage "x86_64 tests"
+stage "x86_64 tests: exporter, merge, engine, D-Bus service"
 cargo test --release --workspace
-
-stage "aarch64 tests under qemu-user"
-# The engine test makes its bundles with the host's exporter (the bundle is the same) and
-# compares with onnxruntime in the host's Python venv.
-MARENGO_EXPORT="$CARGO_TARGET_DIR/release/marengo-export" \
-    .ci/aarch64.sh test --release --lib --test engine_matches_references
-
-stage "packages"
-wait "$rootfs" || true
-packaging/build-debs.sh
-tests/packaging/run.sh
 stage "done"

@@ -19,15 +19,14 @@ archs=("$@")
 [[ ${#archs[@]} -gt 0 ]] || archs=(amd64 arm64)
 cd "$repo"
 
-# The two crates build separately: the exporter does not want the engine feature unified in.
+# The whole workspace at once, as the tests build it: one feature resolution, so the binaries
+# the tests ran are the ones packed and nothing is compiled twice.
 build_amd64() {
-    cargo build --release -p marengo --bins
-    cargo build --release -p marengo-export --bins
+    cargo build --release --workspace --bins
 }
 
 build_arm64() {
-    "$repo/.ci/aarch64.sh" build --release -p marengo --bins
-    "$repo/.ci/aarch64.sh" build --release -p marengo-export --bins
+    "$repo/.ci/aarch64.sh" build --release --workspace --bins
 }
 
 # help2man runs the amd64 binaries; the arm64 ones print the same text. Each subcommand's

@@ -18,6 +18,7 @@ pub mod e4m3;
 mod matrix;
 mod parallel;
 mod portable;
+mod prefetch;
 mod scalar;
 
 #[cfg(target_arch = "x86_64")]

@@ -392,6 +392,9 @@ fn format_stats(ending: &Ending) -> String {
         let value: &Variant<'_> = &ending.stats[key];
         let shown = match value {
             Variant::F64(x) => format!("{x:.2}"),
+            Variant::U32(n) => n.to_string(),
+            Variant::U64(n) => n.to_string(),
+            Variant::I64(n) => n.to_string(),
             Variant::Str(s) => format!("{:?}", s.as_str()),
             other => other.to_string(),
         };

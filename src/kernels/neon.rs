@@ -11,6 +11,7 @@ use std::arch::asm;
 use super::e4m3::{F16_RESCALE, SCALED_VALUES};
 use super::matrix::{Fp8Matrix, ScaleCursor};
 use super::parallel::{Backend, MR, NR, Tile};
+use super::prefetch::{LINE, prefetch};
 
 pub(super) static BACKEND: Backend = Backend {
     matvec_rows,
@@ -158,7 +159,16 @@ unsafe fn dot_rows<const R: usize>(w: &Fp8Matrix, first_row: usize, x: &[f32], y
         })
     };
     let starts = rows.map(<[u8]>::as_ptr);
+    // The rows taken after these: warming them while these are summed keeps the reads
+    // streaming across page boundaries (see `prefetch`). Past the matrix's end the addresses
+    // are only prefetched, never read.
+    let ahead = starts.map(|start| start.wrapping_add(R * cols));
     for col in (0..whole).step_by(STEP) {
+        if col % LINE == 0 {
+            for next in ahead {
+                prefetch(next.wrapping_add(col));
+            }
+        }
         // SAFETY: `col < whole <= cols`, within every row.
         let codes = starts.map(|start| unsafe { start.add(col) });
         // SAFETY: `x` and every row hold 16 elements from `col`.
