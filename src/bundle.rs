@@ -19,7 +19,9 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 
-use layout::{ROPE_COS, ROPE_SIN, Role, SCALE_SUFFIX, expected_tensors};
+use layout::{
+    HEAD_RESIDUAL_SUFFIX, ROPE_COS, ROPE_SIN, Role, SCALE_SUFFIX, expected_tensors, head_tensor,
+};
 use manifest::{
     FORMAT, FORMAT_VERSION, GRAPH_FILE, MANIFEST_FILE, Manifest, QuantKind, TENSOR_ALIGNMENT,
     TOKENIZER_FILE, TensorDtype, TensorEntry, WEIGHTS_FILE,
@@ -316,6 +318,30 @@ fn check_architecture(
         Ok(())
     };
 
+    // An FP8 tensor's scales: per row, or per block of the row.
+    let check_scale = |name: &str, shape: &[usize]| -> Result<String, BundleError> {
+        let scale_name = format!("{name}{SCALE_SUFFIX}");
+        let scale = lookup(&scale_name)?;
+        let (rows, cols) = (shape[0], shape[1]);
+        let scale_shape = match quant.block_size {
+            None => vec![rows],
+            Some(block) if block > 0 && cols.is_multiple_of(block) => vec![rows, cols / block],
+            Some(block) => {
+                return Err(BundleError::Architecture(format!(
+                    "block_size {block} does not divide {cols} of tensor {name}"
+                )));
+            }
+        };
+        check(scale, TensorDtype::F32, &scale_shape)?;
+        if scale.scale_of.as_deref() != Some(name) {
+            return Err(BundleError::tensor(
+                &scale_name,
+                format!("scale_of should name {name}"),
+            ));
+        }
+        Ok(scale_name)
+    };
+
     let mut expected_names = BTreeSet::new();
     for tensor in expected_tensors(arch) {
         let entry = lookup(&tensor.name)?;
@@ -326,28 +352,20 @@ fn check_architecture(
         }
         check(entry, stored, &tensor.shape)?;
         if quant.kind == QuantKind::Fp8E4m3fn {
-            let scale_name = format!("{}{SCALE_SUFFIX}", tensor.name);
-            let scale = lookup(&scale_name)?;
-            let (rows, cols) = (tensor.shape[0], tensor.shape[1]);
-            let scale_shape = match quant.block_size {
-                None => vec![rows],
-                Some(block) if block > 0 && cols.is_multiple_of(block) => vec![rows, cols / block],
-                Some(block) => {
-                    return Err(BundleError::Architecture(format!(
-                        "block_size {block} does not divide {} of tensor {}",
-                        cols, tensor.name
-                    )));
-                }
-            };
-            check(scale, TensorDtype::F32, &scale_shape)?;
-            if scale.scale_of.as_deref() != Some(tensor.name.as_str()) {
-                return Err(BundleError::tensor(
-                    &scale_name,
-                    format!("scale_of should name {}", tensor.name),
-                ));
-            }
-            expected_names.insert(scale_name);
+            expected_names.insert(check_scale(&tensor.name, &tensor.shape)?);
         }
+    }
+    if quant.head_residual {
+        if quant.kind != QuantKind::Fp8E4m3fn {
+            return Err(BundleError::Architecture(
+                "head_residual is only defined for FP8 bundles".into(),
+            ));
+        }
+        let residual = format!("{}{HEAD_RESIDUAL_SUFFIX}", head_tensor(arch));
+        let shape = [arch.vocab_size, arch.hidden_size];
+        check(lookup(&residual)?, stored, &shape)?;
+        expected_names.insert(check_scale(&residual, &shape)?);
+        expected_names.insert(residual);
     }
     let rope_shape = [arch.context_length, arch.head_dim / 2];
     for name in [ROPE_COS, ROPE_SIN] {

@@ -13,6 +13,10 @@ use marengo::engine::{Engine, EngineOptions};
 use marengo::session::Session;
 use safetensors::SafeTensors;
 
+#[path = "support/exporter.rs"]
+mod exporter;
+use exporter::marengo_export;
+
 const TOLERANCE: f32 = 1e-3;
 
 struct Golden {
@@ -67,25 +71,6 @@ fn golden(name: &'static str) -> Golden {
         greedy_logits: floats("greedy_logits"),
         vocab: meta["logits_shape"][1].as_u64().expect("vocab") as usize,
     }
-}
-
-fn marengo_export() -> PathBuf {
-    // The aarch64 run under qemu-user uses the host's exporter: the bundle is the same.
-    if let Some(path) = std::env::var_os("MARENGO_EXPORT") {
-        return PathBuf::from(path);
-    }
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
-    let export = profile.join("marengo-export");
-    assert!(
-        export.is_file(),
-        "{} is missing: run the workspace's tests (`cargo test --workspace`), which build it",
-        export.display()
-    );
-    export
 }
 
 fn run(command: &mut Command) -> String {

@@ -5,7 +5,9 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use marengo::bundle::layout::{ROPE_COS, ROPE_SIN, Role, SCALE_SUFFIX, expected_tensors};
+use marengo::bundle::layout::{
+    HEAD_RESIDUAL_SUFFIX, ROPE_COS, ROPE_SIN, Role, SCALE_SUFFIX, expected_tensors, head_tensor,
+};
 use marengo::bundle::manifest::{
     FORMAT, FORMAT_VERSION, GRAPH_FILE, Manifest, Provenance, QuantKind, Quantization, SourceFile,
     SpecialTokens, TOKENIZER_FILE, TensorDtype,
@@ -29,6 +31,9 @@ pub struct ConvertOptions {
     pub kind: QuantKind,
     /// FP8 scale block along the input dimension; `None` is one scale per output channel.
     pub block: Option<usize>,
+    /// FP8: store the LM head as two FP8 tensors, the weight and its rounding error
+    /// (`Quantization::head_residual`).
+    pub head_residual: bool,
     pub context_length: Option<usize>,
     /// Replace a non-empty `out`.
     pub force: bool,
@@ -99,6 +104,7 @@ pub fn convert(
         QuantKind::F16 => TensorDtype::F16,
         QuantKind::F32 => TensorDtype::F32,
     };
+    let head_residual = opts.head_residual && opts.kind == QuantKind::Fp8E4m3fn;
     let tokenizer = source.tokenizer()?;
     let tokenizer_json = tokenizer
         .tokenizer_json
@@ -153,20 +159,37 @@ pub fn convert(
                 None,
                 Some(encoded.rel_rms_error),
             )?;
-            if let Some(scales) = &encoded.scales {
-                let shape = match opts.block {
-                    None => vec![rows],
-                    Some(block) => vec![rows, cols / block],
-                };
-                let bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
-                let scale_name = format!("{name}{SCALE_SUFFIX}");
+            add_scales(&mut writer, name, &want.shape, &encoded, opts.block)?;
+            if head_residual && name == head_tensor(&arch) {
+                let residual = quant::fp8_residual(
+                    name,
+                    tensor.dtype,
+                    &tensor.bytes,
+                    rows,
+                    cols,
+                    &encoded,
+                    opts.block,
+                )?;
+                let residual_name = format!("{name}{HEAD_RESIDUAL_SUFFIX}");
+                tracing::info!(
+                    tensor = %name,
+                    rel_rms_error = residual.rel_rms_error,
+                    "encoded with its residual"
+                );
                 writer.add_tensor(
-                    &scale_name,
-                    TensorDtype::F32,
-                    &shape,
-                    &bytes,
-                    Some(name),
+                    &residual_name,
+                    stored,
+                    &want.shape,
+                    &residual.data,
                     None,
+                    Some(residual.rel_rms_error),
+                )?;
+                add_scales(
+                    &mut writer,
+                    &residual_name,
+                    &want.shape,
+                    &residual,
+                    opts.block,
                 )?;
             }
         }
@@ -200,6 +223,7 @@ pub fn convert(
         quantization: Quantization {
             kind: opts.kind,
             block_size: opts.block,
+            head_residual,
         },
         chat_template: tokenizer.chat_template,
         special_tokens: SpecialTokens {
@@ -221,6 +245,36 @@ pub fn convert(
 }
 
 /// `SOURCE_DATE_EPOCH` when set (reproducible builds), else now.
+/// Writes an FP8 tensor's scales, `[rows]` or `[rows, cols / block]`, next to it.
+fn add_scales(
+    writer: &mut BundleWriter,
+    name: &str,
+    shape: &[usize],
+    encoded: &quant::Encoded,
+    block: Option<usize>,
+) -> Result<(), WriteError> {
+    let Some(scales) = &encoded.scales else {
+        return Ok(());
+    };
+    let (rows, cols) = (shape[0], shape[1]);
+    let scale_shape = match block {
+        None => vec![rows],
+        Some(block) => vec![rows, cols / block],
+    };
+    let bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+    let scale_name = format!("{name}{SCALE_SUFFIX}");
+    writer
+        .add_tensor(
+            &scale_name,
+            TensorDtype::F32,
+            &scale_shape,
+            &bytes,
+            Some(name),
+            None,
+        )
+        .map(|_| ())
+}
+
 fn created_at() -> u64 {
     std::env::var("SOURCE_DATE_EPOCH")
         .ok()

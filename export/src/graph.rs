@@ -9,7 +9,8 @@
 use std::collections::HashMap;
 
 use marengo::bundle::layout::{
-    EMBEDDING, FINAL_NORM, LM_HEAD, ROPE_COS, ROPE_SIN, SCALE_SUFFIX, layer_tensor,
+    EMBEDDING, FINAL_NORM, HEAD_RESIDUAL_SUFFIX, ROPE_COS, ROPE_SIN, SCALE_SUFFIX, head_tensor,
+    layer_tensor,
 };
 use marengo::bundle::manifest::{Architecture, TensorDtype, TensorEntry, WEIGHTS_FILE};
 use marengo::onnx_proto::{
@@ -60,13 +61,7 @@ pub fn build(
     };
     let eps = arch.rms_norm_eps as f32;
 
-    let embedding = g.weight(EMBEDDING)?;
-    let mut hidden = g.node(
-        "Gather",
-        "embed",
-        &[&embedding, INPUT_IDS],
-        vec![AttributeProto::int("axis", 0)],
-    );
+    let mut hidden = g.gather(EMBEDDING, "embed")?;
     for layer in 0..arch.num_layers {
         let p = format!("layers.{layer}");
         let gain = g.tensor(&layer_tensor(layer, "input_layernorm"))?;
@@ -124,12 +119,7 @@ pub fn build(
     }
     let gain = g.tensor(FINAL_NORM)?;
     let normed = g.rms_norm("final_norm", &hidden, &gain, eps);
-    let head = if arch.tie_word_embeddings {
-        EMBEDDING
-    } else {
-        LM_HEAD
-    };
-    let logits = g.linear(&normed, head)?;
+    let logits = g.linear(&normed, head_tensor(arch))?;
     g.nodes.push(NodeProto {
         name: "logits".into(),
         op_type: "Identity".into(),
@@ -294,8 +284,53 @@ impl Builder<'_> {
         Ok(value)
     }
 
-    /// `x · Wᵀ` for the `[out, in]` weight `name`.
+    /// The FP8 residual that completes `name`, if the bundle has one (the head's).
+    fn residual_of(&self, name: &str) -> Option<String> {
+        let residual = format!("{name}{HEAD_RESIDUAL_SUFFIX}");
+        self.tensors
+            .contains_key(residual.as_str())
+            .then_some(residual)
+    }
+
+    /// The rows of the `[vocab, hidden]` weight `name` for the input ids. With a residual,
+    /// each part is looked up and the rows are added, so that either stays a plain FP8 lookup.
+    fn gather(&mut self, name: &str, node: &str) -> Result<String, MissingTensor> {
+        let rows = self.gather_one(name, node)?;
+        let Some(residual) = self.residual_of(name) else {
+            return Ok(rows);
+        };
+        let rest = self.gather_one(&residual, &format!("{node}.residual"))?;
+        Ok(self.node("Add", &format!("{node}.sum"), &[&rows, &rest], vec![]))
+    }
+
+    fn gather_one(&mut self, name: &str, node: &str) -> Result<String, MissingTensor> {
+        let table = self.weight(name)?;
+        Ok(self.node(
+            "Gather",
+            node,
+            &[&table, INPUT_IDS],
+            vec![AttributeProto::int("axis", 0)],
+        ))
+    }
+
+    /// `x · Wᵀ` for the `[out, in]` weight `name`; with a residual `R`, `x · Wᵀ + x · Rᵀ`,
+    /// two products of the kind the engine runs straight from FP8.
     fn linear(&mut self, x: &str, name: &str) -> Result<String, MissingTensor> {
+        let product = self.linear_one(x, name)?;
+        let Some(residual) = self.residual_of(name) else {
+            return Ok(product);
+        };
+        let rest = self.linear_one(x, &residual)?;
+        let module = name.strip_suffix(".weight").unwrap_or(name);
+        Ok(self.node(
+            "Add",
+            &format!("{module}.output_sum"),
+            &[&product, &rest],
+            vec![],
+        ))
+    }
+
+    fn linear_one(&mut self, x: &str, name: &str) -> Result<String, MissingTensor> {
         let w = self.weight(name)?;
         let transposed = self.node(
             "Transpose",

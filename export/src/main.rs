@@ -34,6 +34,15 @@ enum ExportDtype {
     F32,
 }
 
+/// How an FP8 bundle stores the LM head.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum HeadEncoding {
+    /// The weight and its rounding error, two FP8 tensors summed (the default).
+    Residual,
+    /// One FP8 tensor, like every other weight.
+    Single,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Convert a checkpoint into a bundle directory (written atomically).
@@ -56,6 +65,11 @@ enum Command {
         /// FP8: one scale per N input elements instead of one per output channel.
         #[arg(long, value_name = "N")]
         block: Option<usize>,
+        /// FP8: how the LM head is stored. `residual` adds a second FP8 tensor holding the
+        /// first one's rounding error (the logits come out as exact as with 8-bit integers, for
+        /// one more byte per head weight); `single` stores it like every other weight.
+        #[arg(long, value_enum, default_value = "residual")]
+        head: HeadEncoding,
         /// Longest sequence the bundle serves [default: max_position_embeddings, at most 4096].
         #[arg(long, value_name = "N")]
         context_length: Option<usize>,
@@ -155,6 +169,7 @@ fn main() -> anyhow::Result<()> {
             out,
             dtype,
             block,
+            head,
             context_length,
             force,
             verbose: _,
@@ -184,6 +199,7 @@ fn main() -> anyhow::Result<()> {
                     ExportDtype::F32 => QuantKind::F32,
                 },
                 block,
+                head_residual: head == HeadEncoding::Residual,
                 context_length,
                 force,
                 command_line: std::env::args().collect(),

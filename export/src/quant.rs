@@ -188,6 +188,54 @@ pub fn encode(
     })
 }
 
+/// The rounding error of `first` (an FP8 encoding of the `[rows, cols]` weight in `bytes`),
+/// itself encoded in FP8 with the same scale layout, so that `first + residual` stands for the
+/// weight (see `Quantization::head_residual`). Its `rel_rms_error` is that of the sum,
+/// relative to the weight.
+pub fn fp8_residual(
+    tensor: &str,
+    dtype: SourceDtype,
+    bytes: &[u8],
+    rows: usize,
+    cols: usize,
+    first: &Encoded,
+    block: Option<usize>,
+) -> Result<Encoded, QuantError> {
+    let scales = first
+        .scales
+        .as_deref()
+        .expect("a residual is taken of an FP8 encoding");
+    let groups_per_row = scales.len() / rows;
+    let group = cols / groups_per_row;
+    let in_row = cols * dtype.size();
+    let decoded = &*FP8_VALUES;
+    let mut residual = vec![0u8; rows * cols * 4];
+    residual
+        .par_chunks_mut(cols * 4)
+        .enumerate()
+        .for_each(|(row, out)| {
+            let mut values = vec![0f32; cols];
+            dtype.widen_into(&bytes[row * in_row..(row + 1) * in_row], &mut values);
+            let codes = &first.data[row * cols..(row + 1) * cols];
+            let row_scales = &scales[row * groups_per_row..(row + 1) * groups_per_row];
+            for (col, (o, v)) in out.chunks_exact_mut(4).zip(values).enumerate() {
+                let back = decoded[usize::from(codes[col])] * row_scales[col / group];
+                o.copy_from_slice(&(v - back).to_le_bytes());
+            }
+        });
+    let mut second = encode(
+        tensor,
+        SourceDtype::F32,
+        &residual,
+        rows,
+        cols,
+        Encoding::Fp8 { block },
+    )?;
+    // ‖r − r̂‖/‖w‖ = (‖r − r̂‖/‖r‖) · (‖r‖/‖w‖), and ‖r‖/‖w‖ is the first encoding's error.
+    second.rel_rms_error *= first.rel_rms_error;
+    Ok(second)
+}
+
 /// Every code's value, so that measuring the error costs a load rather than a decode.
 static FP8_VALUES: LazyLock<[f32; 256]> =
     LazyLock::new(|| std::array::from_fn(|code| fp8_e4m3fn_decode(code as u8)));

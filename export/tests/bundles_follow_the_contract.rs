@@ -147,12 +147,30 @@ fn check_bundle(dir: &Path, kind: QuantKind, block: Option<usize>, tied: bool) {
     assert_eq!(count["RMSNormalization"], 2 * layers + 1);
     assert_eq!(count["RotaryEmbedding"], 2 * layers);
     assert_eq!(count["Attention"], layers);
-    let linears = 7 * layers + 1;
+    // FP8 bundles carry the head's rounding error as a second FP8 tensor by default: the LM
+    // head is two products (and a tied embedding two lookups), summed.
+    let residual = manifest.quantization.head_residual;
+    assert_eq!(residual, kind == QuantKind::Fp8E4m3fn);
+    let head_parts = 1 + usize::from(residual);
+    let linears = 7 * layers + head_parts;
     assert_eq!(count["MatMul"], linears);
     assert_eq!(count["Transpose"], linears);
+    assert_eq!(
+        count.get("Gather").copied().unwrap_or(0),
+        if tied { head_parts } else { 1 }
+    );
+    let head = if tied {
+        "model.embed_tokens.weight"
+    } else {
+        "lm_head.weight"
+    };
+    assert_eq!(
+        bundle.tensor(&format!("{head}.residual")).is_some(),
+        residual
+    );
 
     // Weight plumbing per kind; a tied LM head reuses the embedding's single dequantization.
-    let weights = 7 * layers + 1 + usize::from(!tied);
+    let weights = 7 * layers + 1 + usize::from(!tied) + usize::from(residual);
     match kind {
         QuantKind::Fp8E4m3fn => {
             assert_eq!(count["DequantizeLinear"], weights);

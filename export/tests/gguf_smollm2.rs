@@ -180,6 +180,7 @@ fn gguf_exports_to_an_fp8_bundle() {
             out: out.clone(),
             kind: QuantKind::Fp8E4m3fn,
             block: None,
+            head_residual: true,
             context_length: Some(512),
             force: false,
             command_line: vec!["test".into()],
@@ -205,6 +206,22 @@ fn gguf_exports_to_an_fp8_bundle() {
     );
     let tokenizer = tokenizers::Tokenizer::from_file(bundle.tokenizer_path()).unwrap();
     assert_eq!(tokenizer.token_to_id("<|im_end|>"), Some(2));
+
+    // The tied head carries its rounding error as a second FP8 tensor, which makes the head
+    // far more exact than a single FP8 tensor.
+    assert!(manifest.quantization.head_residual);
+    let error = |name: &str| {
+        manifest
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .and_then(|t| t.rel_rms_error)
+            .unwrap_or_else(|| panic!("{name} has a recorded error"))
+    };
+    let single = error("model.embed_tokens.weight");
+    let summed = error("model.embed_tokens.weight.residual");
+    println!("head: relative RMS error {single:.2e} in FP8, {summed:.2e} with its residual");
+    assert!(single > 0.01 && summed < single / 10.0, "{single} {summed}");
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

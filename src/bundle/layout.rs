@@ -30,6 +30,19 @@ pub const FINAL_NORM: &str = "model.norm.weight";
 /// HF name of an untied LM head.
 pub const LM_HEAD: &str = "lm_head.weight";
 
+/// The tensor the logits are computed from: the LM head, or the embedding when tied.
+pub fn head_tensor(arch: &Architecture) -> &'static str {
+    if arch.tie_word_embeddings {
+        EMBEDDING
+    } else {
+        LM_HEAD
+    }
+}
+
+/// Suffix of the head's FP8 residual (see `Quantization::head_residual`): the head is used as
+/// `W + W.residual`, each an FP8 tensor with its own scales.
+pub const HEAD_RESIDUAL_SUFFIX: &str = ".residual";
+
 /// HF name of a tensor of layer `layer`, e.g. `layer_tensor(3, "self_attn.q_proj")`.
 pub fn layer_tensor(layer: usize, module: &str) -> String {
     format!("model.layers.{layer}.{module}.weight")

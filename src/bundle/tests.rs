@@ -78,6 +78,7 @@ fn write_bundle(edit: impl FnOnce(&mut Manifest)) -> tempfile::TempDir {
         quantization: Quantization {
             kind: QuantKind::Fp8E4m3fn,
             block_size: None,
+            head_residual: false,
         },
         chat_template: None,
         special_tokens: SpecialTokens::default(),

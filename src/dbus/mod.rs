@@ -16,3 +16,4 @@ pub use client::Llm1Proxy;
 pub use error::Llm1Error;
 pub use interface::{BUS_NAME, Llm1, ModelInfo, OBJECT_PATH, REQUEST_PATH_PREFIX, Streams};
 pub use options::{MAX_STOP_STRINGS, RequestOptions};
+pub use request::{encode_chat, encode_prompt};

@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use marengo::dbus::{BUS_NAME, Llm1Proxy};
 use zbus::message::Type as MessageType;
+#[path = "../support/exporter.rs"]
+mod exporter;
+use exporter::marengo_export;
 use zbus::{
     Connection, MatchRule, MessageStream, ObjectPath, OwnedObjectPath, OwnedVariant, Variant,
 };
@@ -52,26 +55,6 @@ pub fn run(command: &mut Command) -> String {
 }
 
 /// The `marengo-export` binary of this build (the workspace's test run builds it).
-fn marengo_export() -> PathBuf {
-    // The aarch64 run under qemu-user uses the host's exporter: the bundle is the same.
-    if let Some(path) = std::env::var_os("MARENGO_EXPORT") {
-        return PathBuf::from(path);
-    }
-    let exe = std::env::current_exe().expect("the test binary knows its path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binaries live in target/<profile>/deps");
-    let export = profile_dir.join("marengo-export");
-    assert!(
-        export.is_file(),
-        "{} is missing: build it with `cargo build -p marengo-export` (or run the whole \
-         workspace's tests, which builds it)",
-        export.display()
-    );
-    export
-}
-
 /// A tiny Mistral-shaped FP8 bundle with random weights, the real Mistral tokenizer and its
 /// chat template; made once per test binary by the real exporter. Its text is gibberish but
 /// deterministic under greedy sampling.
