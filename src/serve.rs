@@ -92,6 +92,8 @@ pub enum ServeError {
          this user own the name and receive the bus's signals?)"
     )]
     BusTimeout { bus: String, seconds: u64 },
+    #[error("the {bus} closed the connection; the running requests were ended")]
+    BusClosed { bus: String },
     #[error("D-Bus failure: {0}")]
     Bus(#[from] zbus::Error),
     #[error("cannot start the async runtime or a signal handler: {0}")]
@@ -160,7 +162,7 @@ async fn serve(config: Config) -> Result<(), ServeError> {
         model,
         streams,
         connection,
-        departures,
+        mut departures,
     } = started;
 
     tracing::info!(
@@ -173,9 +175,17 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     let status = tokio::spawn(report_status(Arc::clone(&scheduler)));
     let watchdog = systemd::watchdog_interval().map(|every| tokio::spawn(feed_watchdog(every)));
 
+    // The departures stream ends only when the connection does: the bus went away (a
+    // session that ended, a restarted system bus). Nobody can reach the service any more,
+    // so it stops, with an error for systemd's Restart=on-failure.
+    let mut bus_closed = false;
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
+        _ = &mut departures => {
+            tracing::error!("the {bus} closed the connection: shutting down");
+            bus_closed = true;
+        }
     }
     systemd::notify_stopping();
     status.abort();
@@ -193,6 +203,9 @@ async fn serve(config: Config) -> Result<(), ServeError> {
         tracing::warn!("streams still open after {SHUTDOWN_GRACE:?}; exiting anyway");
     }
     departures.abort();
+    if bus_closed {
+        return Err(ServeError::BusClosed { bus });
+    }
     // Queued signals are written before the connection closes.
     connection.graceful_shutdown().await;
     Ok(())
@@ -297,7 +310,8 @@ async fn start_scheduler(config: &Config) -> Result<Arc<Scheduler>, ServeError> 
         })
 }
 
-/// Cancels the requests of every client that leaves the bus. The bus announces each
+/// Cancels the requests of every client that leaves the bus (the task ends when the
+/// connection does). The bus announces each
 /// departure as `NameOwnerChanged(unique name, old owner, "")`.
 async fn watch_departures(
     connection: &Connection,

@@ -262,6 +262,18 @@ impl Daemon {
             .unwrap_or_else(|| panic!("no {field} in /proc/{}/status", self.pid()))
     }
 
+    /// Waits up to `within` for the daemon to exit by itself.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Some(status) = self.child.try_wait().expect("waiting for marengod") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
     /// Sends SIGTERM and waits for the exit; returns the exit status and how long it took.
     pub fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
         let start = Instant::now();

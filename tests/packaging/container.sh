@@ -148,16 +148,39 @@ check "another user is refused by the bus" fails_with "Access denied" complete_a
 echo "memory after a request: $(rss "$(main_pid)")"
 
 # A session bus without a systemd user manager runs the activation file's Exec= line, which
-# reads the user's ~/.config/marengo/marengod.toml.
+# reads the user's ~/.config/marengo/marengod.toml. The bus (and so the daemon it starts)
+# writes to /dev/null, so that a daemon outliving its session cannot hold this check's pipe;
+# it must not outlive it, which is checked next.
 session_activated() {
     as bob env HOME=/home/bob sh -c '
         mkdir -p ~/.config/marengo &&
         echo "bundle = \"/var/lib/marengo/models/default\"" > ~/.config/marengo/marengod.toml &&
-        dbus-run-session -- busctl --user call org.marengo.Llm1 /org/marengo/Llm1 \
-            org.marengo.Llm1 Complete "sa{sv}" "Once upon a time" 1 max_tokens u 8'
+        out="$(mktemp)" &&
+        timeout 120 dbus-run-session -- sh -c "busctl --user call org.marengo.Llm1 \
+            /org/marengo/Llm1 org.marengo.Llm1 Complete \"sa{sv}\" \"Once upon a time\" 1 \
+            max_tokens u 8 > $out" >/dev/null 2>&1
+        status=$?; cat "$out"; rm -f "$out"; exit $status'
 }
 check "a call on a session bus starts marengod --session through D-Bus activation" \
     contains 'sa{sv} "' session_activated
+
+# bob_daemons: the pids of bob's marengod processes (the rootfs has no procps).
+bob_daemons() {
+    inside sh -c 'for d in /proc/[0-9]*; do
+        [ "$(cat "$d/comm" 2>/dev/null)" = marengod ] && [ "$(stat -c %U "$d")" = bob ] &&
+            echo "${d#/proc/}"
+    done; true'
+}
+session_daemon_gone() {
+    local i
+    for i in $(seq 1 100); do
+        [[ -n "$(bob_daemons)" ]] || return 0
+        sleep 0.1
+    done
+    echo "marengod --session still runs 10 s after its session bus ended: $(bob_daemons)"
+    return 1
+}
+check "the session's marengod ends with its session bus" session_daemon_gone
 
 activated() {
     inside systemctl stop marengod.service

@@ -91,7 +91,10 @@ check "group marengo alone does not let a caller own $bus_name" fails_with "Acce
 
 "$repo/tests/packaging/tiny-bundle.sh" "$work/bundle" >/dev/null
 chmod -R a+rX "$work/bundle"
-as marengo "$marengod" serve --address "$address" --bundle "$work/bundle" 2>"$work/daemon.log" &
+# Not through `as`: a backgrounded function is a subshell, and $! would be its pid, not the
+# daemon's (setpriv execs marengod, so here $! is marengod).
+setpriv --reuid=marengo --regid="$(id -g marengo)" --init-groups -- \
+    "$marengod" serve --address "$address" --bundle "$work/bundle" 2>"$work/daemon.log" &
 daemon_pid=$!
 
 name_owned() {
