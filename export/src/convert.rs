@@ -244,7 +244,6 @@ pub fn convert(
     Ok(writer.finish(manifest)?)
 }
 
-/// `SOURCE_DATE_EPOCH` when set (reproducible builds), else now.
 /// Writes an FP8 tensor's scales, `[rows]` or `[rows, cols / block]`, next to it.
 fn add_scales(
     writer: &mut BundleWriter,
@@ -275,6 +274,7 @@ fn add_scales(
         .map(|_| ())
 }
 
+/// `SOURCE_DATE_EPOCH` when set (reproducible builds), else now.
 fn created_at() -> u64 {
     std::env::var("SOURCE_DATE_EPOCH")
         .ok()
