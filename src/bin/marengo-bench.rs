@@ -9,7 +9,7 @@
 //!
 //! A benchmark prints figures; it asserts nothing.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -230,8 +230,8 @@ fn mib(bytes: u64) -> f64 {
 
 /// Runs llama.cpp's `llama-bench` and returns (prefill, decode) tokens/s.
 fn llama_bench(
-    bench: &PathBuf,
-    model: &PathBuf,
+    bench: &Path,
+    model: &Path,
     threads: usize,
     prompt: usize,
     generated: usize,

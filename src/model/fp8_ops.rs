@@ -66,7 +66,7 @@ impl MappedFp8 {
             None => rows,
             Some(b) => {
                 ensure!(
-                    b > 0 && cols % b == 0,
+                    b > 0 && cols.is_multiple_of(b),
                     "{name}: block {b} does not divide {cols}"
                 );
                 rows * (cols / b)
@@ -87,7 +87,7 @@ impl MappedFp8 {
             "{name}: tensor data beyond the end of model.weights"
         );
         ensure!(
-            scales.start % 4 == 0,
+            scales.start.is_multiple_of(4),
             "{name}: scales are not 4-byte aligned"
         );
         let weight = MappedFp8 {
