@@ -15,7 +15,10 @@ use safetensors::SafeTensors;
 
 #[path = "support/exporter.rs"]
 mod exporter;
+#[path = "support/onnxruntime.rs"]
+mod onnxruntime;
 use exporter::marengo_export;
+use onnxruntime::{OrtGreedy, ort_greedy};
 
 const TOLERANCE: f32 = 1e-3;
 
@@ -193,46 +196,15 @@ fn f32_llama_tied_matches_transformers() {
     f32_bundle_matches_transformers("llama-tied");
 }
 
-fn venv_python() -> PathBuf {
-    let python = repo().join(".venv/bin/python");
-    assert!(
-        python.is_file(),
-        "{} is missing: run .ci/python-venv.sh",
-        python.display()
-    );
-    python
-}
-
 fn fp8_bundle_matches_onnxruntime(name: &'static str, label: &str, convert_args: &[&str]) {
     let golden = golden(name);
     let scratch = tempfile::tempdir().expect("scratch dir");
     let bundle = bundle(&golden, scratch.path(), label, convert_args);
     let steps = golden.greedy.len();
-    let ort_logits = scratch.path().join("ort-greedy-logits.f32");
-    let prompt: Vec<String> = golden.prompt.iter().map(u32::to_string).collect();
-    let output = run(Command::new(venv_python())
-        .arg(repo().join("tests/python/ort_generate.py"))
-        .arg("--bundle")
-        .arg(&bundle)
-        .arg("--prompt-ids")
-        .arg(prompt.join(","))
-        .arg("--max-new-tokens")
-        .arg(steps.to_string())
-        .arg("--greedy-logits-out")
-        .arg(&ort_logits)
-        .args(["--threads", "1"]));
-    let report: serde_json::Value = serde_json::from_str(output.trim()).expect("ort json");
-    let ort_greedy: Vec<u32> = report["greedy"]
-        .as_array()
-        .expect("greedy")
-        .iter()
-        .map(|v| v.as_u64().expect("id") as u32)
-        .collect();
-    let ort_logits: Vec<f32> = std::fs::read(&ort_logits)
-        .expect("ort logits")
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+    let OrtGreedy {
+        tokens: ort_greedy,
+        logits: ort_logits,
+    } = ort_greedy(&bundle, &golden.prompt, steps, 1);
 
     let engine = load(&bundle);
     let mut session = engine.new_model_session().expect("session");

@@ -18,7 +18,10 @@ use marengo::engine::{Engine, EngineOptions};
 
 #[path = "support/exporter.rs"]
 mod exporter;
+#[path = "support/onnxruntime.rs"]
+mod onnxruntime;
 use exporter::marengo_export;
+use onnxruntime::{OrtGreedy, ort_greedy};
 
 const QUESTION: &str = "What is the capital of France?";
 /// Ordinary English prose for the FP8-vs-f32 comparison (written for this test).
@@ -233,36 +236,10 @@ fn smollm2_fp8_answers_like_f32_and_onnxruntime() {
     );
 
     // onnxruntime on the FP8 bundle, as many steps as the engine took.
-    let ort_logits = scratch.path().join("ort-greedy-logits.f32");
-    let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
-    let python = repo().join(".venv/bin/python");
-    assert!(
-        python.is_file(),
-        "{} is missing: run .ci/python-venv.sh",
-        python.display()
-    );
-    let report = run(Command::new(python)
-        .arg(repo().join("tests/python/ort_generate.py"))
-        .arg("--bundle")
-        .arg(&fp8_dir)
-        .arg("--prompt-ids")
-        .arg(ids.join(","))
-        .arg("--max-new-tokens")
-        .arg(answer.tokens.len().to_string())
-        .arg("--greedy-logits-out")
-        .arg(&ort_logits));
-    let report: serde_json::Value = serde_json::from_str(report.trim()).expect("ort json");
-    let ort_greedy: Vec<u32> = report["greedy"]
-        .as_array()
-        .expect("greedy")
-        .iter()
-        .map(|v| v.as_u64().expect("id") as u32)
-        .collect();
-    let ort_logits: Vec<f32> = std::fs::read(&ort_logits)
-        .expect("ort logits")
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+    let OrtGreedy {
+        tokens: ort_greedy,
+        logits: ort_logits,
+    } = ort_greedy(&fp8_dir, &prompt, answer.tokens.len(), 0);
     let vocab = fp8.manifest().architecture.vocab_size;
     let worst = answer
         .logits
