@@ -23,6 +23,8 @@ mod scalar;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
@@ -44,26 +46,38 @@ pub enum Isa {
     Portable,
     /// x86_64 with AVX2, FMA and F16C (Haswell and later).
     Avx2,
+    /// [`Isa::Avx2`] plus AVX-512F (Skylake-SP, Ice Lake, Zen 4 and later): a wider tile for
+    /// the matrix product, the AVX2 code for the rest.
+    Avx512,
     /// aarch64 Advanced SIMD (every ARMv8-A core).
     Neon,
 }
 
 impl Isa {
     /// Every implementation this build knows, available on this CPU or not.
-    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Portable, Isa::Avx2, Isa::Neon];
+    pub const ALL: [Isa; 5] = [
+        Isa::Scalar,
+        Isa::Portable,
+        Isa::Avx2,
+        Isa::Avx512,
+        Isa::Neon,
+    ];
 
     /// Whether this CPU (and this build's target) can run the implementation.
     pub fn is_available(self) -> bool {
         match self {
             Isa::Scalar | Isa::Portable => true,
             Isa::Avx2 => avx2_available(),
+            Isa::Avx512 => avx2_available() && avx512_available(),
             Isa::Neon => cfg!(target_arch = "aarch64"),
         }
     }
 
     /// The fastest implementation this CPU can run.
     pub fn best() -> Isa {
-        if Isa::Avx2.is_available() {
+        if Isa::Avx512.is_available() {
+            Isa::Avx512
+        } else if Isa::Avx2.is_available() {
             Isa::Avx2
         } else if Isa::Neon.is_available() {
             Isa::Neon
@@ -83,6 +97,8 @@ impl Isa {
             Isa::Portable => Some(&portable::BACKEND),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => Some(&avx2::BACKEND),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => Some(&avx512::BACKEND),
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => Some(&neon::BACKEND),
             _ => return Err(KernelError::IsaUnavailable(self)),
@@ -99,6 +115,16 @@ fn avx2_available() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn avx2_available() -> bool {
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512_available() -> bool {
+    is_x86_feature_detected!("avx512f")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512_available() -> bool {
     false
 }
 

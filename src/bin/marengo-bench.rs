@@ -169,6 +169,7 @@ fn main() -> anyhow::Result<()> {
             args.threads,
             args.prompt_tokens,
             args.decode_tokens,
+            args.short_position,
         )?;
         println!(
             "llama.cpp prefill     {pp:.2} tok/s → marengo/llama.cpp {:.2}",
@@ -228,13 +229,15 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-/// Runs llama.cpp's `llama-bench` and returns (prefill, decode) tokens/s.
+/// Runs llama.cpp's `llama-bench` (or `bench/llama_bench.py`, which takes the same options) and
+/// returns (prefill, decode) tokens/s, decode after `depth` tokens as marengo's is.
 fn llama_bench(
     bench: &Path,
     model: &Path,
     threads: usize,
     prompt: usize,
     generated: usize,
+    depth: usize,
 ) -> anyhow::Result<(f64, f64)> {
     let output = Command::new(bench)
         .args([
@@ -248,6 +251,8 @@ fn llama_bench(
             &prompt.to_string(),
             "-n",
             &generated.to_string(),
+            "-d",
+            &depth.to_string(),
             "-o",
             "json",
         ])

@@ -15,10 +15,11 @@ use std::arch::x86_64::*;
 
 use super::e4m3::{F16_RESCALE, SCALED_VALUES};
 use super::matrix::{Fp8Matrix, ScaleCursor};
-use super::parallel::{Backend, MR, NR, Tile};
+use super::parallel::{Backend, NR};
 use super::prefetch::{LINE, prefetch};
 
 pub(super) static BACKEND: Backend = Backend {
+    mr: MR,
     matvec_rows,
     pack_panel,
     tile,
@@ -27,6 +28,10 @@ pub(super) static BACKEND: Backend = Backend {
 
 /// Rows walked together by the matrix-vector kernel.
 const ROWS: usize = 2;
+
+/// Tokens per register tile of the matrix product: 6 × 2 accumulators, 2 weight vectors and a
+/// broadcast fill 15 of the 16 registers.
+const MR: usize = 6;
 
 /// Clears bit 14 of `(code << 8) >> 1` (arithmetic), leaving the f16 pattern of a code.
 const F16_MASK: i16 = 0xbfff_u16 as i16;
@@ -276,7 +281,7 @@ unsafe fn dot_rows<const R: usize>(w: &Fp8Matrix, first_row: usize, x: &[f32], y
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn matvec_rows(w: &Fp8Matrix, first_row: usize, x: &[f32], y: &mut [f32]) {
+pub(super) unsafe fn matvec_rows(w: &Fp8Matrix, first_row: usize, x: &[f32], y: &mut [f32]) {
     assert!(x.len() == w.cols() && first_row + y.len() <= w.rows());
     let x = interleave(x);
     let mut groups = y.chunks_exact_mut(ROWS);
@@ -329,7 +334,7 @@ fn transpose_8x8(r: [__m256; 8]) -> [__m256; 8] {
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pack_panel(
+pub(super) unsafe fn pack_panel(
     w: &Fp8Matrix,
     first_row: usize,
     rows: usize,
@@ -386,22 +391,22 @@ unsafe fn pack_panel(
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile(panel: &[f32], x: &[&[f32]; MR], tile: &mut Tile) {
+unsafe fn tile(panel: &[f32], x: &[f32], tile: &mut [[f32; NR]]) {
     let depth = panel.len() / NR;
-    assert!(x.iter().all(|x| x.len() >= depth));
+    assert!(x.len() >= depth * MR && tile.len() == MR);
     let zero = _mm256_setzero_ps();
     let mut acc = [[zero; 2]; MR];
     let weights = panel.as_ptr();
-    let inputs: [*const f32; MR] = std::array::from_fn(|i| x[i].as_ptr());
+    let inputs = x.as_ptr();
     for k in 0..depth {
-        // SAFETY: `k < depth`: the panel holds `depth * NR` f32 and each input `depth`.
+        // SAFETY: `k < depth`: the panel holds `depth * NR` f32 and the inputs `depth * MR`.
         unsafe {
             let w0 = _mm256_loadu_ps(weights.add(k * NR));
             let w1 = _mm256_loadu_ps(weights.add(k * NR + 8));
-            for i in 0..MR {
-                let x = _mm256_broadcast_ss(&*inputs[i].add(k));
-                acc[i][0] = _mm256_fmadd_ps(x, w0, acc[i][0]);
-                acc[i][1] = _mm256_fmadd_ps(x, w1, acc[i][1]);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let x = _mm256_broadcast_ss(&*inputs.add(k * MR + i));
+                acc[0] = _mm256_fmadd_ps(x, w0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(x, w1, acc[1]);
             }
         }
     }
@@ -417,7 +422,7 @@ unsafe fn tile(panel: &[f32], x: &[&[f32]; MR], tile: &mut Tile) {
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dequantize_row(w: &Fp8Matrix, row: usize, out: &mut [f32]) {
+pub(super) unsafe fn dequantize_row(w: &Fp8Matrix, row: usize, out: &mut [f32]) {
     assert_eq!(out.len(), w.cols());
     let span = w.scale_span();
     let codes = w.row_bytes(row);

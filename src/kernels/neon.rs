@@ -10,10 +10,11 @@ use std::arch::asm;
 
 use super::e4m3::{F16_RESCALE, SCALED_VALUES};
 use super::matrix::{Fp8Matrix, ScaleCursor};
-use super::parallel::{Backend, MR, NR, Tile};
+use super::parallel::{Backend, NR};
 use super::prefetch::{LINE, prefetch};
 
 pub(super) static BACKEND: Backend = Backend {
+    mr: MR,
     matvec_rows,
     pack_panel,
     tile,
@@ -22,6 +23,10 @@ pub(super) static BACKEND: Backend = Backend {
 
 /// Rows walked together by the matrix-vector kernel.
 const ROWS: usize = 4;
+
+/// Tokens per register tile of the matrix product: 6 × 4 accumulators and 4 weight vectors
+/// take 28 of the 32 registers.
+const MR: usize = 6;
 /// Codes per step of the kernels: one 128-bit register.
 const STEP: usize = 16;
 
@@ -300,16 +305,16 @@ unsafe fn pack_panel(
 
 /// # Safety
 /// None beyond the aarch64 baseline; `unsafe` to fit [`Backend`].
-unsafe fn tile(panel: &[f32], x: &[&[f32]; MR], tile: &mut Tile) {
+unsafe fn tile(panel: &[f32], x: &[f32], tile: &mut [[f32; NR]]) {
     let depth = panel.len() / NR;
-    assert!(x.iter().all(|x| x.len() >= depth));
+    assert!(x.len() >= depth * MR && tile.len() == MR);
     // SAFETY: NEON is part of the aarch64 baseline.
     let zero = unsafe { vdupq_n_f32(0.0) };
     let mut acc = [[zero; NR / 4]; MR];
     let weights = panel.as_ptr();
-    let inputs: [*const f32; MR] = std::array::from_fn(|i| x[i].as_ptr());
+    let inputs = x.as_ptr();
     for k in 0..depth {
-        // SAFETY: `k < depth`: the panel holds `depth * NR` f32 and each input `depth`.
+        // SAFETY: `k < depth`: the panel holds `depth * NR` f32 and the inputs `depth * MR`.
         unsafe {
             let w = weights.add(k * NR);
             let w = [
@@ -318,9 +323,9 @@ unsafe fn tile(panel: &[f32], x: &[&[f32]; MR], tile: &mut Tile) {
                 vld1q_f32(w.add(8)),
                 vld1q_f32(w.add(12)),
             ];
-            for i in 0..MR {
-                let x = *inputs[i].add(k);
-                for (acc, &w) in acc[i].iter_mut().zip(&w) {
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let x = *inputs.add(k * MR + i);
+                for (acc, &w) in acc.iter_mut().zip(&w) {
                     *acc = vfmaq_n_f32(*acc, w, x);
                 }
             }

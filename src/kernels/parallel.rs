@@ -6,14 +6,15 @@ use rayon::prelude::*;
 
 use super::Fp8Matrix;
 
-/// Rows of `X` (tokens) in one register tile of the matrix-product kernel.
-pub(crate) const MR: usize = 6;
+/// The most rows of `X` (tokens) any implementation puts in one register tile.
+pub(crate) const MAX_MR: usize = 24;
 /// Rows of `W` (output channels) in one register tile: the width of a packed panel.
 pub(crate) const NR: usize = 16;
 /// Reduction length of a packed panel: its `NR × KC` f32 stay in L1 while every token passes
 /// over them.
 const KC: usize = 256;
-/// Tokens per pass over a panel, so that their `[MC, KC]` slice of `X` stays in L2.
+/// Tokens per pass over a panel, so that their packed `[MC, KC]` slice of `X` stays in L2.
+/// A multiple of every implementation's tile height.
 const MC: usize = 240;
 /// Below this many weight bytes a matrix-vector product is done on the calling thread: waking
 /// the pool would cost more than it saves.
@@ -24,13 +25,13 @@ const CHUNKS_PER_THREAD: usize = 2;
 /// Row chunks are rounded to this, keeping chunk boundaries off shared cache lines of `y`.
 const ROW_ALIGN: usize = 16;
 
-/// One row-block of the product as produced by [`Backend::tile`].
-pub(crate) type Tile = [[f32; NR]; MR];
-
 /// The per-instruction-set kernels. Every function requires the CPU features of its instruction
 /// set; a `Backend` is only handed out (by `Isa::backend`) when they are present. Each function
 /// checks its slice lengths itself.
 pub(crate) struct Backend {
+    /// Rows of `X` (tokens) in one register tile of [`Self::tile`], at most [`MAX_MR`]: as many
+    /// as the instruction set has registers to accumulate.
+    pub mr: usize,
     /// `y[i] = W[first_row + i] · x`.
     pub matvec_rows: unsafe fn(w: &Fp8Matrix, first_row: usize, x: &[f32], y: &mut [f32]),
     /// Writes `panel[k * NR + j] = W[first_row + j, first_col + k]` (scaled) for `k <
@@ -42,8 +43,10 @@ pub(crate) struct Backend {
         first_col: usize,
         panel: &mut [f32],
     ),
-    /// `tile[i][j] = Σ_k x[i][k] · panel[k * NR + j]` over the panel's length.
-    pub tile: unsafe fn(panel: &[f32], x: &[&[f32]; MR], tile: &mut Tile),
+    /// `tile[i][j] = Σ_k x[k * mr + i] · panel[k * NR + j]` over the panel's length, for `i <
+    /// mr`: `x` holds `mr` tokens' inputs interleaved (see [`pack_inputs`]), so that every
+    /// broadcast of an input comes from one pointer at a fixed offset.
+    pub tile: unsafe fn(panel: &[f32], x: &[f32], tile: &mut [[f32; NR]]),
     /// `out[k] = W[row, k]` (scaled).
     pub dequantize_row: unsafe fn(w: &Fp8Matrix, row: usize, out: &mut [f32]),
 }
@@ -114,27 +117,35 @@ fn matmul_columns(
     columns: std::ops::Range<usize>,
 ) {
     let (n, k) = (w.rows(), w.cols());
+    let mr = backend.mr;
     debug_assert_eq!(output.len, m * n);
+    debug_assert!(mr <= MAX_MR && MC % mr == 0);
     let mut panel = vec![0.0; KC * NR];
-    let mut tile = [[0.0; NR]; MR];
+    let mut inputs = vec![0.0; MC * KC];
+    let mut tile = [[0.0; NR]; MAX_MR];
+    let tile = &mut tile[..mr];
     for first_token in (0..m).step_by(MC) {
-        let tokens_end = (first_token + MC).min(m);
+        let tokens = first_token..(first_token + MC).min(m);
         for first_col in (0..k).step_by(KC) {
             let depth = KC.min(k - first_col);
             let panel = &mut panel[..depth * NR];
+            pack_inputs(
+                x,
+                k,
+                tokens.clone(),
+                first_col..first_col + depth,
+                mr,
+                &mut inputs,
+            );
             for first_row in columns.clone().step_by(NR) {
                 let width = NR.min(columns.end - first_row);
                 // SAFETY: the backend's CPU features are present (see `Backend`).
                 unsafe { (backend.pack_panel)(w, first_row, width, first_col, panel) };
-                for token in (first_token..tokens_end).step_by(MR) {
-                    let height = MR.min(tokens_end - token);
-                    // Short tiles repeat their last token; those results are dropped.
-                    let inputs: [&[f32]; MR] = std::array::from_fn(|i| {
-                        let start = (token + i.min(height - 1)) * k + first_col;
-                        &x[start..start + depth]
-                    });
+                let tiles = inputs.chunks_exact(depth * mr);
+                for (token, packed) in tokens.clone().step_by(mr).zip(tiles) {
+                    let height = mr.min(tokens.end - token);
                     // SAFETY: as above.
-                    unsafe { (backend.tile)(panel, &inputs, &mut tile) };
+                    unsafe { (backend.tile)(panel, packed, tile) };
                     for (i, tile_row) in tile.iter().take(height).enumerate() {
                         let start = (token + i) * n + first_row;
                         assert!(start + width <= output.len);
@@ -150,6 +161,37 @@ fn matmul_columns(
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Copies `X[tokens, cols]` (`X` row-major with `k` columns) into `packed` as consecutive
+/// tiles of `mr` tokens, each `[cols.len()][mr]` (a token's inputs `mr` apart). Tokens past the
+/// end of the last tile are zeros; their results are never stored.
+fn pack_inputs(
+    x: &[f32],
+    k: usize,
+    tokens: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    mr: usize,
+    packed: &mut [f32],
+) {
+    let depth = cols.len();
+    for (first, tile) in tokens
+        .clone()
+        .step_by(mr)
+        .zip(packed.chunks_exact_mut(depth * mr))
+    {
+        for i in 0..mr {
+            let token = first + i;
+            if token < tokens.end {
+                let row = &x[token * k + cols.start..token * k + cols.end];
+                for (col, &value) in row.iter().enumerate() {
+                    tile[col * mr + i] = value;
+                }
+            } else {
+                (0..depth).for_each(|col| tile[col * mr + i] = 0.0);
             }
         }
     }

@@ -4,9 +4,10 @@
 
 use super::Fp8Matrix;
 use super::e4m3::{F16_RESCALE, SCALED_VALUES};
-use super::parallel::{Backend, MR, NR, Tile};
+use super::parallel::{Backend, NR};
 
 pub(super) static BACKEND: Backend = Backend {
+    mr: MR,
     matvec_rows,
     pack_panel,
     tile,
@@ -14,6 +15,9 @@ pub(super) static BACKEND: Backend = Backend {
 };
 
 const LANES: usize = 8;
+
+/// Tokens per tile of the matrix product.
+const MR: usize = 6;
 
 /// `Σ codes[i] · x[i]`, with codes decoded to `e4m3 · 2^-8`.
 fn dot(codes: &[u8], x: &[f32]) -> f32 {
@@ -66,13 +70,12 @@ fn pack_panel(w: &Fp8Matrix, first_row: usize, rows: usize, first_col: usize, pa
     }
 }
 
-fn tile(panel: &[f32], x: &[&[f32]; MR], tile: &mut Tile) {
+fn tile(panel: &[f32], x: &[f32], tile: &mut [[f32; NR]]) {
     let depth = panel.len() / NR;
-    let x: [&[f32]; MR] = std::array::from_fn(|i| &x[i][..depth]);
+    let tile: &mut [[f32; NR]; MR] = tile.try_into().expect("a tile of MR rows");
     *tile = [[0.0; NR]; MR];
-    for (k, weights) in panel.chunks_exact(NR).enumerate() {
-        for (row, x) in tile.iter_mut().zip(x) {
-            let x = x[k];
+    for (weights, x) in panel.chunks_exact(NR).zip(x[..depth * MR].chunks_exact(MR)) {
+        for (row, &x) in tile.iter_mut().zip(x) {
             for (acc, &weight) in row.iter_mut().zip(weights) {
                 *acc += x * weight;
             }

@@ -260,7 +260,8 @@ fn extreme_codes_match_reference() {
 #[test]
 fn matmul_matches_reference_for_every_token_count() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let every = Vec::from_iter(1..=17);
+    // Every count to 17, and both sides of one and two tiles of the widest tile (24 tokens).
+    let every = Vec::from_iter((1..=17).chain([23, 24, 25, 47, 48, 49]));
     // Long rows cost the reference (and qemu) dearly: a few token counts cover their tiles.
     let some = vec![1, 2, 6, 7, 17];
     for (rows, cols, counts) in [
@@ -356,11 +357,15 @@ fn bad_operands_are_refused() {
 
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn avx2_is_chosen_when_the_cpu_has_it() {
+fn the_widest_x86_path_the_cpu_has_is_chosen() {
     let has_avx2 = is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c");
-    let want = if has_avx2 { Isa::Avx2 } else { Isa::Portable };
+    let want = match (has_avx2, is_x86_feature_detected!("avx512f")) {
+        (true, true) => Isa::Avx512,
+        (true, false) => Isa::Avx2,
+        (false, _) => Isa::Portable,
+    };
     assert_eq!(Isa::best(), want);
 }
 

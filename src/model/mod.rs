@@ -1,12 +1,14 @@
 //! From a bundle to a runnable tract plan.
 //!
 //! The loader decodes `model.onnx`, rewrites its FP8 patterns into marengo ops over the
-//! mapped `model.weights` ([`rewrite`], [`fp8_ops`]), lets tract-onnx parse the rest, and
+//! mapped `model.weights` ([`rewrite`], [`fp8_ops`]), cuts the LM head to the last position
+//! ([`last_position`]), lets tract-onnx parse the rest, and
 //! applies tract-transformers' rewrites, which turn the graph's past→Concat→present KV
 //! inputs and outputs into cache state held inside the plan's state: a decode step then
 //! feeds only the new token, and the cache is never copied in or out.
 
 pub mod fp8_ops;
+pub mod last_position;
 pub mod rewrite;
 
 use std::path::Path;
@@ -73,6 +75,12 @@ impl Model {
                 source,
             })?;
         let bindings = rewrite::rewrite_fp8(&mut proto)?;
+        let graph = proto.graph.as_mut().ok_or(rewrite::RewriteError::NoGraph)?;
+        if !last_position::keep_last_position(graph) {
+            tracing::warn!(
+                "no LM head found before `logits`: every position's logits are computed"
+            );
+        }
 
         let mut onnx = tract_onnx::onnx();
         onnx.op_register
