@@ -46,8 +46,8 @@ pub enum Isa {
     Portable,
     /// x86_64 with AVX2, FMA and F16C (Haswell and later).
     Avx2,
-    /// [`Isa::Avx2`] plus AVX-512F (Skylake-SP, Ice Lake, Zen 4 and later): a wider tile for
-    /// the matrix product, the AVX2 code for the rest.
+    /// [`Isa::Avx2`] plus AVX-512F and BW (Skylake-SP, Ice Lake, Zen 4 and later): twice the
+    /// width for the matrix-vector and matrix products.
     Avx512,
     /// aarch64 Advanced SIMD (every ARMv8-A core).
     Neon,
@@ -120,7 +120,7 @@ fn avx2_available() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 fn avx512_available() -> bool {
-    is_x86_feature_detected!("avx512f")
+    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
 }
 
 #[cfg(not(target_arch = "x86_64"))]

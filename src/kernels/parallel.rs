@@ -5,14 +5,16 @@
 use rayon::prelude::*;
 
 use super::Fp8Matrix;
+use super::prefetch::{LINE, prefetch, prefetch_l2};
 
 /// The most rows of `X` (tokens) any implementation puts in one register tile.
 pub(crate) const MAX_MR: usize = 24;
 /// Rows of `W` (output channels) in one register tile: the width of a packed panel.
 pub(crate) const NR: usize = 16;
-/// Reduction length of a packed panel: its `NR × KC` f32 stay in L1 while every token passes
-/// over them.
-const KC: usize = 256;
+/// Reduction length of a packed panel: its `NR × KC` f32 (32 KiB) stay in L1 while every token
+/// passes over them. Longer panels also mean fewer passes adding partial sums into `y`, whose
+/// rows of a prompt chunk are far larger than L2: 256 spent a sixth of a prefill there.
+const KC: usize = 512;
 /// Tokens per pass over a panel, so that their packed `[MC, KC]` slice of `X` stays in L2.
 /// A multiple of every implementation's tile height.
 const MC: usize = 240;
@@ -141,9 +143,20 @@ fn matmul_columns(
                 let width = NR.min(columns.end - first_row);
                 // SAFETY: the backend's CPU features are present (see `Backend`).
                 unsafe { (backend.pack_panel)(w, first_row, width, first_col, panel) };
+                prefetch_panel(w, first_row + NR..columns.end, first_col..first_col + depth);
                 let tiles = inputs.chunks_exact(depth * mr);
                 for (token, packed) in tokens.clone().step_by(mr).zip(tiles) {
                     let height = mr.min(tokens.end - token);
+                    // The rows of `y` this tile adds to were last touched a whole sweep of
+                    // `y` ago: ask for them while the tile is computed.
+                    for i in 0..height {
+                        prefetch(
+                            output
+                                .start
+                                .wrapping_add((token + i) * n + first_row)
+                                .cast(),
+                        );
+                    }
                     // SAFETY: as above.
                     unsafe { (backend.tile)(panel, packed, tile) };
                     for (i, tile_row) in tile.iter().take(height).enumerate() {
@@ -154,15 +167,36 @@ fn matmul_columns(
                         let y = unsafe {
                             std::slice::from_raw_parts_mut(output.start.add(start), width)
                         };
-                        if first_col == 0 {
-                            y.copy_from_slice(&tile_row[..width]);
-                        } else {
-                            y.iter_mut().zip(tile_row).for_each(|(y, t)| *y += t);
-                        }
+                        store(y, tile_row, first_col == 0);
                     }
                 }
             }
         }
+    }
+}
+
+/// Asks for the weights of the next panel (`rows` from the first, `cols`) while the tiles of
+/// this one are computed. A panel's 16 rows lie in 16 different pages, which the hardware
+/// prefetchers do not follow, so without this every panel would start with cache misses and
+/// the cores would wait for memory with nothing to compute.
+fn prefetch_panel(w: &Fp8Matrix, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>) {
+    for row in rows.take(NR) {
+        let bytes = &w.row_bytes(row)[cols.clone()];
+        for offset in (0..bytes.len()).step_by(LINE) {
+            prefetch_l2(bytes[offset..].as_ptr());
+        }
+    }
+}
+
+/// Writes (`first`) or adds a tile row to its place in `y`. A whole row is a fixed-size
+/// array so that the compiler makes one vector operation of it.
+#[inline]
+fn store(y: &mut [f32], tile_row: &[f32; NR], first: bool) {
+    match <&mut [f32; NR]>::try_from(&mut *y) {
+        Ok(y) if first => *y = *tile_row,
+        Ok(y) => (0..NR).for_each(|j| y[j] += tile_row[j]),
+        Err(_) if first => y.copy_from_slice(&tile_row[..y.len()]),
+        Err(_) => y.iter_mut().zip(tile_row).for_each(|(y, t)| *y += t),
     }
 }
 

@@ -28,3 +28,25 @@ pub(crate) fn prefetch(ptr: *const u8) {
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     let _ = ptr;
 }
+
+/// Asks for the line holding `ptr` in the L2 cache: for data needed after a long computation
+/// that itself fills L1.
+#[inline(always)]
+pub(crate) fn prefetch_l2(ptr: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of x86_64; a prefetch reads nothing architecturally.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(ptr.cast())
+    };
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: PRFM is a hint and never faults.
+    unsafe {
+        std::arch::asm!(
+            "prfm pldl2keep, [{p}]",
+            p = in(reg) ptr,
+            options(nostack, readonly, preserves_flags)
+        )
+    };
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let _ = ptr;
+}

@@ -361,7 +361,8 @@ fn the_widest_x86_path_the_cpu_has_is_chosen() {
     let has_avx2 = is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c");
-    let want = match (has_avx2, is_x86_feature_detected!("avx512f")) {
+    let has_avx512 = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
+    let want = match (has_avx2, has_avx512) {
         (true, true) => Isa::Avx512,
         (true, false) => Isa::Avx2,
         (false, _) => Isa::Portable,
