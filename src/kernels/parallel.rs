@@ -121,7 +121,7 @@ fn matmul_columns(
     let (n, k) = (w.rows(), w.cols());
     let mr = backend.mr;
     debug_assert_eq!(output.len, m * n);
-    debug_assert!(mr <= MAX_MR && MC % mr == 0);
+    debug_assert!(mr <= MAX_MR && MC.is_multiple_of(mr));
     let mut panel = vec![0.0; KC * NR];
     let mut inputs = vec![0.0; MC * KC];
     let mut tile = [[0.0; NR]; MAX_MR];
