@@ -112,6 +112,9 @@ impl Engine {
             bundle.verify_hashes()?;
         }
         let model = Arc::new(Model::load(bundle.dir(), bundle.weights().clone())?);
+        // Parsing and optimising the graph leaves megabytes of freed protobuf and tract
+        // intermediates on the heap.
+        crate::memory::release_free_heap();
         let tokenizer =
             Tokenizer::from_file(&bundle.dir().join(crate::bundle::manifest::TOKENIZER_FILE))?;
         let manifest = bundle.manifest();

@@ -1,6 +1,22 @@
 //! The process's resident memory, split into anonymous (heap, KV cache: what the daemon
 //! really costs) and file-backed (mapped weights in the page cache: shared, evictable).
 
+/// Hands the allocator's free memory back to the system.
+///
+/// A prefill chunk's activations are megabytes per tensor, and glibc keeps what they leave
+/// behind: after a 512-token prompt on the 7B shape, 68 MiB of anonymous memory beyond the KV
+/// cache stayed resident. Trimming once a prompt is in costs a walk of the heap, not a page
+/// fault per buffer as an `mmap` threshold would (that took 15 % off the 7B prefill). Other
+/// allocators are left as they are.
+#[cfg(feature = "engine")]
+pub fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of the heap to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Resident memory in bytes, from `/proc/self/smaps_rollup`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MemoryUsage {

@@ -98,6 +98,7 @@ impl Session {
     pub fn reset(&mut self) -> Result<(), SessionError> {
         self.state = self.model.new_state()?;
         self.cached.clear();
+        crate::memory::release_free_heap();
         Ok(())
     }
 
@@ -120,6 +121,9 @@ impl Session {
         let mut logits = Vec::new();
         for chunk in tokens.chunks(PREFILL_CHUNK) {
             logits = self.forward(chunk)?;
+        }
+        if tokens.len() > 1 {
+            crate::memory::release_free_heap();
         }
         Ok(logits)
     }

@@ -82,6 +82,8 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     session.feed(&prompt)?;
     let prefill = args.prompt_tokens as f64 / t.elapsed().as_secs_f64();
+    let after_prefill = MemoryUsage::current().unwrap_or_default();
+    let kv_after_prefill = kv_cache_bytes(manifest, args.prompt_tokens);
 
     session.reset()?;
     let warm: Vec<u32> = (0..args.short_position)
@@ -143,6 +145,12 @@ fn main() -> anyhow::Result<()> {
         mib(idle.file)
     );
     println!(
+        "RSS after prefill     anon {:.1} MiB = KV cache {:.1} MiB + {:.1} MiB",
+        mib(after_prefill.anonymous),
+        mib(kv_after_prefill),
+        mib(after_prefill.anonymous.saturating_sub(kv_after_prefill))
+    );
+    println!(
         "RSS after run         anon {:.1} MiB, file {:.1} MiB",
         mib(memory.anonymous),
         mib(memory.file)
@@ -160,6 +168,8 @@ fn main() -> anyhow::Result<()> {
         "decode_long_tokens_per_s": decode_long,
         "decode_long_position": args.long_position,
         "anon_rss_bytes": memory.anonymous,
+        "anon_rss_after_prefill_bytes": after_prefill.anonymous,
+        "kv_cache_after_prefill_bytes": kv_after_prefill,
         "file_rss_bytes": memory.file,
     });
     if let (Some(bench), Some(model)) = (&args.llama_bench, &args.llama_model) {
@@ -223,6 +233,12 @@ fn weight_bytes_per_token(manifest: &Manifest) -> u64 {
             }
         })
         .sum()
+}
+
+/// The keys and values of `positions` tokens, f32, every layer.
+fn kv_cache_bytes(manifest: &Manifest, positions: usize) -> u64 {
+    let arch = &manifest.architecture;
+    (2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * positions * 4) as u64
 }
 
 fn mib(bytes: u64) -> f64 {
