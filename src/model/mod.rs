@@ -7,6 +7,7 @@
 //! inputs and outputs into cache state held inside the plan's state: a decode step then
 //! feeds only the new token, and the cache is never copied in or out.
 
+pub mod attention;
 pub mod fp8_ops;
 pub mod last_position;
 pub mod rewrite;
@@ -121,7 +122,8 @@ impl Model {
         let detect = tract_onnx::tract_core::transform::get_transform("transformers_detect_all")?
             .context("tract-transformers is not linked")?;
         typed.transform(&*detect)?;
-        let typed = typed.into_optimized()?;
+        let mut typed = typed.into_optimized()?;
+        attention::use_decode_attention(&mut typed)?;
         let plan = TypedSimplePlan::new(typed)?;
         Ok(Model {
             plan,
