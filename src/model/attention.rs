@@ -10,41 +10,59 @@
 //! a weighted sum of the values, which this op does directly, reading each key and value
 //! once. Prompt chunks (more than one query) keep tract's kernel.
 //!
-//! The op keeps tract's cache type and state contract (state name, symbol resolution), so
-//! the plan treats it as the op it replaces.
+//! The cache itself is one anonymous mapping per layer and per keys/values, sized for the
+//! bundle's whole context and never moved: the kernel hands out zero pages on first write,
+//! so what is resident is what has been written. tract's in-place cache doubles its buffer
+//! as it fills, and the allocator serves the doubled buffer from memory that earlier chunks
+//! had touched: on the 7B shape at position 1040, 80 MiB beyond the keys and values
+//! themselves were resident. The op keeps tract's state contract (state name, symbol
+//! resolution), so the plan treats it as the op it replaces.
 
+use memmap2::MmapMut;
 use rayon::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 use tract_onnx::tract_hir::tract_ndarray::{ArrayView4, Ix4, s};
 use tract_transformers::ops::dyn_kv_cache::DynKeyValueCacheState;
 use tract_transformers::ops::flash_sdpa::FlashSdpaOp;
-use tract_transformers::ops::inplace_kv_cache::{InPlaceKvCache, InPlaceKvSdpa};
+use tract_transformers::ops::inplace_kv_cache::InPlaceKvSdpa;
 
-/// Replaces every `InPlaceKvSdpa` of the optimised model by [`DecodeAttention`]; returns how
+/// Replaces every `InPlaceKvSdpa` of the optimised model (with the sequence on axis 2, as the
+/// bundle's graph has it) by [`DecodeAttention`] with room for `context` positions; returns how
 /// many.
-pub fn use_decode_attention(model: &mut TypedModel) -> TractResult<usize> {
+pub fn use_decode_attention(model: &mut TypedModel, context: usize) -> TractResult<usize> {
     let mut replaced = 0;
     for id in 0..model.nodes().len() {
         let Some(fused) = model.node(id).op_as::<InPlaceKvSdpa>() else {
             continue;
         };
-        let op = DecodeAttention(fused.clone());
+        if fused.axis != 2 {
+            continue;
+        }
+        let op = DecodeAttention {
+            fused: fused.clone(),
+            context,
+        };
         model.node_mut(id).op = Box::new(op);
         replaced += 1;
     }
     Ok(replaced)
 }
 
-/// `InPlaceKvSdpa` with a direct kernel for single-query steps (see the module).
+/// `InPlaceKvSdpa` with a preallocated cache and a direct kernel for single-query steps (see
+/// the module).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DecodeAttention(InPlaceKvSdpa);
+pub struct DecodeAttention {
+    fused: InPlaceKvSdpa,
+    /// Positions the cache has room for.
+    context: usize,
+}
 
 impl Op for DecodeAttention {
     fn name(&self) -> StaticName {
         "MarengoDecodeAttention".into()
     }
     fn info(&self) -> TractResult<Vec<String>> {
-        self.0.info()
+        self.fused.info()
     }
     op_as_typed_op!();
 }
@@ -53,16 +71,16 @@ impl EvalOp for DecodeAttention {
     not_out_of_plan!();
     fn state(&self, _ctx: &EvalContext) -> TractResult<Option<Box<dyn OpState>>> {
         Ok(Some(Box::new(DecodeAttentionState {
-            op: self.0.clone(),
-            k: InPlaceKvCache::new(self.0.axis),
-            v: InPlaceKvCache::new(self.0.axis),
+            op: self.fused.clone(),
+            k: KvBuffer::new(self.context),
+            v: KvBuffer::new(self.context),
         })))
     }
 }
 
 impl TypedOp for DecodeAttention {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        self.0.output_facts(inputs)
+        self.fused.output_facts(inputs)
     }
     as_op!();
 }
@@ -70,8 +88,8 @@ impl TypedOp for DecodeAttention {
 #[derive(Clone, Debug)]
 struct DecodeAttentionState {
     op: InPlaceKvSdpa,
-    k: InPlaceKvCache,
-    v: InPlaceKvCache,
+    k: KvBuffer,
+    v: KvBuffer,
 }
 
 impl OpState for DecodeAttentionState {
@@ -87,7 +105,7 @@ impl OpState for DecodeAttentionState {
         DynKeyValueCacheState::resolve_symbols(
             state,
             self.op.past_sequence_fact.clone(),
-            self.k.valid_shape().as_deref(),
+            self.k.valid_shape().as_ref().map(|shape| &shape[..]),
         )
     }
 
@@ -112,9 +130,9 @@ impl OpState for DecodeAttentionState {
         let q = q
             .to_plain_array_view::<f32>()?
             .into_dimensionality::<Ix4>()?;
-        let k = self.k.valid_view::<f32>()?.into_dimensionality::<Ix4>()?;
-        let v = self.v.valid_view::<f32>()?.into_dimensionality::<Ix4>()?;
-        let out = if q.shape()[2] == 1 && inputs.len() == 3 && self.op.axis == 2 {
+        let k = self.k.view()?;
+        let v = self.v.view()?;
+        let out = if q.shape()[2] == 1 && inputs.len() == 3 {
             let scale = self
                 .op
                 .scale
@@ -132,6 +150,98 @@ impl OpState for DecodeAttentionState {
             flash.flash_attention_gqa(q, k, v, None).into_tensor()
         };
         Ok(tvec!(out.cast_to_dt(dt)?.into_owned().into_tvalue()))
+    }
+}
+
+/// Keys or values `[batch, heads, positions, dim]` in an anonymous mapping with room for
+/// `capacity` positions, allocated at the first push (when the other sizes are known).
+#[derive(Debug)]
+struct KvBuffer {
+    capacity: usize,
+    map: Option<MmapMut>,
+    /// `[batch, heads, capacity, dim]`.
+    shape: [usize; 4],
+    len: usize,
+}
+
+impl Clone for KvBuffer {
+    /// A copy of the valid positions (tract clones states only to fork a session).
+    fn clone(&self) -> Self {
+        let mut copy = KvBuffer::new(self.capacity);
+        if let Ok(view) = self.view() {
+            copy.push_view(view)
+                .expect("a copy fits where the original did");
+        }
+        copy
+    }
+}
+
+impl KvBuffer {
+    fn new(capacity: usize) -> Self {
+        KvBuffer {
+            capacity,
+            map: None,
+            shape: [0; 4],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, input: &Tensor) -> TractResult<()> {
+        let view = input
+            .to_plain_array_view::<f32>()?
+            .into_dimensionality::<Ix4>()?;
+        self.push_view(view)
+    }
+
+    fn push_view(&mut self, input: ArrayView4<f32>) -> TractResult<()> {
+        let (batch, heads, new, dim) = input.dim();
+        if self.map.is_none() {
+            let bytes = batch * heads * self.capacity * dim * size_of::<f32>();
+            self.map = Some(MmapMut::map_anon(bytes.max(1))?);
+            self.shape = [batch, heads, self.capacity, dim];
+        }
+        ensure!(
+            [batch, heads, dim] == [self.shape[0], self.shape[1], self.shape[3]],
+            "KV cache of shape {:?} fed {:?}",
+            self.shape,
+            input.dim()
+        );
+        ensure!(
+            self.len + new <= self.capacity,
+            "KV cache full: {} + {new} positions exceed the context of {}",
+            self.len,
+            self.capacity
+        );
+        let map = self.map.as_mut().expect("allocated above");
+        let data: &mut [f32] = bytemuck::cast_slice_mut(&mut map[..]);
+        for b in 0..batch {
+            for h in 0..heads {
+                let first = ((b * heads + h) * self.capacity + self.len) * dim;
+                let rows = &mut data[first..first + new * dim];
+                for (row, source) in rows
+                    .chunks_exact_mut(dim)
+                    .zip(input.slice(s![b, h, .., ..]).rows())
+                {
+                    row.iter_mut().zip(source).for_each(|(r, s)| *r = *s);
+                }
+            }
+        }
+        self.len += new;
+        Ok(())
+    }
+
+    fn valid_shape(&self) -> Option<[usize; 4]> {
+        self.map.as_ref()?;
+        let [batch, heads, _, dim] = self.shape;
+        Some([batch, heads, self.len, dim])
+    }
+
+    fn view(&self) -> TractResult<ArrayView4<'_, f32>> {
+        let map = self.map.as_ref().context("empty KV cache")?;
+        let data: &[f32] = bytemuck::cast_slice(&map[..]);
+        let [batch, heads, capacity, dim] = self.shape;
+        let full = ArrayView4::from_shape((batch, heads, capacity, dim), data)?;
+        Ok(full.slice_move(s![.., .., ..self.len, ..]))
     }
 }
 
@@ -241,5 +351,28 @@ mod tests {
                 assert!((a - b).abs() <= 1e-5, "len {len}: {a} vs {b}");
             }
         }
+    }
+
+    /// Pushes land after each other, per head, and the view shows exactly the valid positions;
+    /// a push past the context is an error, not a wrap.
+    #[test]
+    fn the_cache_appends_in_place_and_refuses_to_overflow() {
+        let first = random((1, 2, 3, 4), 4);
+        let second = random((1, 2, 2, 4), 5);
+        let mut cache = KvBuffer::new(5);
+        cache.push_view(first.view()).unwrap();
+        cache.push_view(second.view()).unwrap();
+        let view = cache.view().unwrap();
+        assert_eq!(view.dim(), (1, 2, 5, 4));
+        assert_eq!(view.slice(s![.., .., ..3, ..]), first);
+        assert_eq!(view.slice(s![.., .., 3.., ..]), second);
+        assert_eq!(cache.valid_shape(), Some([1, 2, 5, 4]));
+        assert_eq!(cache.clone().view().unwrap(), view);
+        let error = cache.push_view(random((1, 2, 1, 4), 6).view()).unwrap_err();
+        assert!(error.to_string().contains("KV cache full"), "{error}");
+        let mut other = KvBuffer::new(5);
+        other.push_view(first.view()).unwrap();
+        let error = other.push_view(random((1, 3, 1, 4), 7).view()).unwrap_err();
+        assert!(error.to_string().contains("fed"), "{error}");
     }
 }

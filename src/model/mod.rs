@@ -63,8 +63,8 @@ pub type ModelState = TypedSimpleState;
 
 impl Model {
     /// Loads `model.onnx` from `dir`, reading FP8 weights from `weights` (the mapping of
-    /// the same directory's `model.weights`).
-    pub fn load(dir: &Path, weights: Arc<Mmap>) -> Result<Model, ModelError> {
+    /// the same directory's `model.weights`), with KV caches for `context` positions.
+    pub fn load(dir: &Path, weights: Arc<Mmap>, context: usize) -> Result<Model, ModelError> {
         let onnx_path = dir.join("model.onnx");
         let bytes = std::fs::read(&onnx_path).map_err(|source| ModelError::Io {
             path: onnx_path.display().to_string(),
@@ -123,7 +123,7 @@ impl Model {
             .context("tract-transformers is not linked")?;
         typed.transform(&*detect)?;
         let mut typed = typed.into_optimized()?;
-        attention::use_decode_attention(&mut typed)?;
+        attention::use_decode_attention(&mut typed, context)?;
         let plan = TypedSimplePlan::new(typed)?;
         Ok(Model {
             plan,
