@@ -33,7 +33,7 @@ if ! "$venv/bin/python" -c 'import llama_cpp, gguf, numpy' 2>/dev/null; then
 fi
 "$venv/bin/python" -c 'import llama_cpp; print("llama.cpp:", llama_cpp.llama_print_system_info().decode())'
 
-(cd "$repo" && cargo build --release --bin marengo-export --bin marengo-bench)
+(cd "$repo" && cargo build --release -p marengo-export -p marengo --bin marengo-export --bin marengo-bench)
 target="${CARGO_TARGET_DIR:-$repo/target}/release"
 [[ -f "$gguf" ]] || "$venv/bin/python" "$repo/bench/make_q8_0_gguf.py" "$gguf" --shape "$shape"
 [[ -f "$bundle/bundle.json" ]] || "$target/marengo-export" convert --gguf "$gguf" --out "$bundle"
