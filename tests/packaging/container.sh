@@ -67,11 +67,13 @@ done
 booted() {
     local i
     [[ -n "$container_pid" ]] || { echo "no systemd in the container"; cat "$work/console.log"; return 1; }
-    # Until systemd listens on its socket, systemctl cannot even ask.
+    # Until systemd listens on its socket, systemctl cannot even ask: it then answers "offline"
+    # (or nothing) at once, and must ask again. Only after that does --wait wait for the boot.
+    # Stopping at the first "offline" let the later snapshots race the rest of the boot.
     local state=""
-    for i in $(seq 1 300); do
-        state="$(timeout 60 nsenter -t "$container_pid" -a systemctl is-system-running --wait 2>/dev/null)" || true
-        [[ -z "$state" ]] || break
+    for i in $(seq 1 600); do
+        state="$(timeout 120 nsenter -t "$container_pid" -a systemctl is-system-running --wait 2>/dev/null)" || true
+        [[ -z "$state" || "$state" == offline || "$state" == unknown ]] || break
         sleep 0.1
     done
     echo "system state: $state"
