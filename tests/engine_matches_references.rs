@@ -13,10 +13,13 @@ use marengo::engine::{Engine, EngineOptions};
 use marengo::session::Session;
 use safetensors::SafeTensors;
 
+#[path = "support/command.rs"]
+mod command;
 #[path = "support/exporter.rs"]
 mod exporter;
 #[path = "support/onnxruntime.rs"]
 mod onnxruntime;
+use command::run;
 use exporter::marengo_export;
 use onnxruntime::{OrtGreedy, ort_greedy};
 
@@ -74,18 +77,6 @@ fn golden(name: &'static str) -> Golden {
         greedy_logits: floats("greedy_logits"),
         vocab: meta["logits_shape"][1].as_u64().expect("vocab") as usize,
     }
-}
-
-fn run(command: &mut Command) -> String {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "{command:?} failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("utf-8 output")
 }
 
 /// Synthesizes the golden checkpoint and converts it with `convert_args`.

@@ -16,10 +16,13 @@ use std::sync::Arc;
 use marengo::dbus::encode_chat;
 use marengo::engine::{Engine, EngineOptions};
 
+#[path = "support/command.rs"]
+mod command;
 #[path = "support/exporter.rs"]
 mod exporter;
 #[path = "support/onnxruntime.rs"]
 mod onnxruntime;
+use command::run;
 use exporter::marengo_export;
 use onnxruntime::{OrtGreedy, ort_greedy};
 
@@ -44,18 +47,6 @@ const ORT_LOGIT_TOLERANCE: f32 = 1e-3;
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn run(command: &mut Command) -> String {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "{command:?} failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("utf-8 output")
 }
 
 /// The GGUF's path, as `.ci/smollm2.sh` prints it (from its cache; it downloads only when the

@@ -246,3 +246,26 @@ fn block_size_must_divide_the_input_features() {
     let err = convert_fails(&checkpoint, &bundle, &["--dtype", "f32", "--block", "32"]);
     assert!(err.contains("--block"), "{err}");
 }
+
+/// A GGUF model is one file, so it is easily given where a directory is expected: the error
+/// says how to give it instead of only that it is not a directory.
+#[test]
+fn a_gguf_file_given_as_the_checkpoint_points_to_gguf() {
+    let dir = scratch_dir("gguf_as_checkpoint");
+    let gguf = dir.join("model.gguf");
+    // The magic and a version are enough: the exporter must not parse further to tell.
+    std::fs::write(&gguf, b"GGUF\x03\x00\x00\x00").unwrap();
+    let err = convert_fails(&gguf, &dir.join("bundle"), &[]);
+    assert!(
+        err.contains("model.gguf") && err.contains("--gguf"),
+        "{err}"
+    );
+
+    let other = dir.join("weights.bin");
+    std::fs::write(&other, b"not a model").unwrap();
+    let err = convert_fails(&other, &dir.join("bundle"), &[]);
+    assert!(
+        err.contains("weights.bin") && err.contains("a file, not a checkpoint directory"),
+        "{err}"
+    );
+}

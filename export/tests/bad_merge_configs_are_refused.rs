@@ -261,7 +261,7 @@ fn missing_parent() {
     );
     assert_mentions(
         &stderr,
-        &["/nonexistent/parent", "not a checkpoint directory"],
+        &["/nonexistent/parent", "no such checkpoint directory"],
     );
 }
 

@@ -16,8 +16,11 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use marengo::dbus::{BUS_NAME, Llm1Proxy};
 use zbus::message::Type as MessageType;
+#[path = "../support/command.rs"]
+mod command;
 #[path = "../support/exporter.rs"]
 mod exporter;
+pub use command::run;
 use exporter::marengo_export;
 use zbus::{
     Connection, MatchRule, MessageStream, ObjectPath, OwnedObjectPath, OwnedVariant, Variant,
@@ -38,20 +41,6 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     }
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     dir
-}
-
-/// Runs a command to completion; panics with its stderr when it fails.
-pub fn run(command: &mut Command) -> String {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "{command:?} failed ({}):\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap_or_else(|e| panic!("{command:?}: stdout: {e}"))
 }
 
 /// The `marengo-export` binary of this build (the workspace's test run builds it).

@@ -1,9 +1,12 @@
 //! onnxruntime as the second engine: greedy generation from a bundle by
 //! `tests/python/ort_generate.py` in the project's venv, shared by the tests that compare
-//! marengo with it (included with `#[path]`, since each test is its own crate).
+//! marengo with it (included with `#[path]`, since each test is its own crate, next to
+//! `support/command.rs` as `mod command`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use crate::command::run;
 
 /// What onnxruntime generated: the greedy tokens and, row by row, the `[steps, vocab]` logits
 /// each was taken from.
@@ -37,16 +40,8 @@ pub fn ort_greedy(bundle: &Path, prompt: &[u32], steps: usize, threads: usize) -
         .arg(&logits_file)
         .arg("--threads")
         .arg(threads.to_string());
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "{command:?} failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     let report: serde_json::Value =
-        serde_json::from_slice(&output.stdout).expect("ort_generate.py prints JSON");
+        serde_json::from_str(&run(&mut command)).expect("ort_generate.py prints JSON");
     let tokens = report["greedy"]
         .as_array()
         .expect("greedy")

@@ -30,7 +30,7 @@ impl HfCheckpoint {
         if !dir.is_dir() {
             return Err(CheckpointError::Malformed {
                 path: dir.to_owned(),
-                message: "not a checkpoint directory".into(),
+                message: not_a_directory(dir).into(),
             });
         }
         let config = ModelConfig::from_file(&dir.join(CONFIG_FILE))?;
@@ -193,5 +193,22 @@ impl CheckpointSource for HfCheckpoint {
 
     fn total_tensor_bytes(&self) -> u64 {
         self.weights.total_bytes()
+    }
+}
+
+/// Why `path` cannot be opened as a checkpoint directory, with the way to give it when it is a
+/// file the exporter reads some other way: a GGUF model is a single file, easily passed here.
+fn not_a_directory(path: &Path) -> &'static str {
+    let mut magic = [0u8; 4];
+    let is_gguf = std::fs::File::open(path)
+        .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut magic))
+        .is_ok()
+        && &magic == b"GGUF";
+    if is_gguf {
+        "a GGUF file, not a checkpoint directory: give it with --gguf"
+    } else if path.is_file() {
+        "a file, not a checkpoint directory (config.json and *.safetensors)"
+    } else {
+        "no such checkpoint directory"
     }
 }
