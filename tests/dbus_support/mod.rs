@@ -43,7 +43,6 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// The `marengo-export` binary of this build (the workspace's test run builds it).
 /// A tiny Mistral-shaped FP8 bundle with random weights, the real Mistral tokenizer and its
 /// chat template; made once per test binary by the real exporter. Its text is gibberish but
 /// deterministic under greedy sampling.
