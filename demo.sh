@@ -68,8 +68,11 @@ done
 "$bin/marengoctl" --address "$address" status >&2
 
 say "== chat"
+# The sampling of SmolLM2's model card example: at the service's general defaults (temperature 0.8,
+# as llama.cpp's) a model this small soon wanders off the question.
+sampling=(--temperature 0.2 --top-p 0.9)
 if [[ $# -gt 0 ]]; then
-    printf '%s\n' "$*" | "$bin/marengoctl" --address "$address" chat --stats
+    printf '%s\n' "$*" | "$bin/marengoctl" --address "$address" chat "${sampling[@]}" --stats
 else
-    "$bin/marengoctl" --address "$address" chat
+    "$bin/marengoctl" --address "$address" chat "${sampling[@]}"
 fi
