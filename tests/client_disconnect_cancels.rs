@@ -35,7 +35,7 @@ async fn a_killed_client_is_cancelled_and_the_next_is_served() {
     let daemon = Daemon::start(&dir, &bus.address, &[]);
 
     // A real client process, killed once its answer is streaming.
-    let mut client = Command::new(env!("CARGO_BIN_EXE_marengoctl"))
+    let mut client = Command::new(dbus_support::binaries::marengoctl())
         .args([
             "--address",
             &bus.address,

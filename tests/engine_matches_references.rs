@@ -13,14 +13,14 @@ use marengo::engine::{Engine, EngineOptions};
 use marengo::session::Session;
 use safetensors::SafeTensors;
 
+#[path = "support/binaries.rs"]
+mod binaries;
 #[path = "support/command.rs"]
 mod command;
-#[path = "support/exporter.rs"]
-mod exporter;
 #[path = "support/onnxruntime.rs"]
 mod onnxruntime;
+use binaries::marengo_export;
 use command::run;
-use exporter::marengo_export;
 use onnxruntime::{OrtGreedy, ort_greedy};
 
 const TOLERANCE: f32 = 1e-3;

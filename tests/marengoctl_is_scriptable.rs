@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use dbus_support::{Bus, Daemon, connect, greedy, proxy, scratch_dir};
 
 fn marengoctl(address: &str, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_marengoctl"))
+    let mut child = Command::new(dbus_support::binaries::marengoctl())
         .args(["--address", address])
         .args(args)
         .stdin(Stdio::piped())

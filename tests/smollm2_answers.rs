@@ -16,14 +16,14 @@ use std::sync::Arc;
 use marengo::dbus::encode_chat;
 use marengo::engine::{Engine, EngineOptions};
 
+#[path = "support/binaries.rs"]
+mod binaries;
 #[path = "support/command.rs"]
 mod command;
-#[path = "support/exporter.rs"]
-mod exporter;
 #[path = "support/onnxruntime.rs"]
 mod onnxruntime;
+use binaries::marengo_export;
 use command::run;
-use exporter::marengo_export;
 use onnxruntime::{OrtGreedy, ort_greedy};
 
 const QUESTION: &str = "What is the capital of France?";

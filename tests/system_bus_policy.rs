@@ -194,7 +194,7 @@ fn only_allowed_users_may_call_and_own() {
         "{stderr}"
     );
     let output = as_user(OUTSIDER)
-        .arg(env!("CARGO_BIN_EXE_marengoctl"))
+        .arg(dbus_support::binaries::marengoctl())
         .args(["--address", &bus.address, "status"])
         .output()
         .expect("running marengoctl");
@@ -221,7 +221,7 @@ fn only_allowed_users_may_call_and_own() {
         .expect("starting gdbus monitor");
     std::thread::sleep(std::time::Duration::from_millis(500));
     let answer = run(as_user(MEMBER)
-        .arg(env!("CARGO_BIN_EXE_marengoctl"))
+        .arg(dbus_support::binaries::marengoctl())
         .args(["--address", &bus.address, "generate", "Hello there"])
         .args(["--max-tokens", "12", "--temperature", "0"]));
     assert!(!answer.trim().is_empty(), "the member got no text");

@@ -16,16 +16,12 @@ use zbus::names::BusName;
 use zbus::object_server::{ResponseDispatchListener, ResponseDispatchNotifier, SignalEmitter};
 use zbus::{Connection, ObjectPath, OwnedObjectPath, OwnedVariant, Variant, interface};
 
-use super::error::Llm1Error;
 use super::options::RequestOptions;
 use super::request;
+use super::{Llm1Error, OBJECT_PATH};
 use crate::scheduler::{CancelError, Event, Finished, RequestId, Scheduler, SubmitError};
 use crate::tokenizer::TokenizerError;
 
-/// The well-known bus name the daemon owns.
-pub const BUS_NAME: &str = "org.marengo.Llm1";
-/// The object that carries the interface.
-pub const OBJECT_PATH: &str = "/org/marengo/Llm1";
 /// Request handles are `REQUEST_PATH_PREFIX` + a decimal number. They name requests, they
 /// are not objects one can call.
 pub const REQUEST_PATH_PREFIX: &str = "/org/marengo/Llm1/request/";

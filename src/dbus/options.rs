@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use zbus::{OwnedVariant, Variant};
 
-use super::error::Llm1Error;
+use super::Llm1Error;
 
 /// The most stop strings a request may carry; each is matched against every new piece of text.
 pub const MAX_STOP_STRINGS: usize = 16;

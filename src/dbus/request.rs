@@ -6,7 +6,7 @@ use crate::chat::{ChatError, Message};
 use crate::engine::{Engine, GenerateRequest};
 use crate::sampler::{SamplingError, SamplingParams};
 
-use super::error::Llm1Error;
+use super::Llm1Error;
 use super::options::{RequestOptions, invalid};
 
 /// The prompt's tokens, as `Generate` feeds them to the model (special tokens such as BOS

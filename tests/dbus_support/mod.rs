@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use marengo::dbus::{BUS_NAME, Llm1Proxy};
 use zbus::message::Type as MessageType;
+#[path = "../support/binaries.rs"]
+pub mod binaries;
 #[path = "../support/command.rs"]
 mod command;
-#[path = "../support/exporter.rs"]
-mod exporter;
+use binaries::marengo_export;
 pub use command::run;
-use exporter::marengo_export;
 use zbus::{
     Connection, MatchRule, MessageStream, ObjectPath, OwnedObjectPath, OwnedVariant, Variant,
 };

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
-use marengo::dbus::{BUS_NAME, Llm1Error, Llm1Proxy};
+use marengo_client::{BUS_NAME, Llm1Error, Llm1Proxy};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use zbus::connection::Builder;
 use zbus::message::Type as MessageType;

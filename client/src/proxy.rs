@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use zbus::{ObjectPath, OwnedObjectPath, OwnedVariant, Variant, proxy};
 
-use super::error::Llm1Error;
+use crate::Llm1Error;
 
 /// Calls on `org.marengo.Llm1`. The streaming calls answer with a request handle; subscribe
 /// to `Token`/`Finished` (`receive_token`, `receive_finished`) before calling them.
