@@ -5,6 +5,7 @@ use std::process::Command;
 
 /// Runs `command` to the end and returns its standard output; a program that cannot start,
 /// fails or prints invalid UTF-8 fails the test with the command line and its standard error.
+#[track_caller]
 pub fn run(command: &mut Command) -> String {
     let output = command
         .output()

@@ -9,6 +9,11 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+// The workspace's one way to run a helper program in a test, shared with the daemon's tests.
+#[path = "../../../tests/support/command.rs"]
+mod command;
+pub use command::run;
+
 /// The repository root (the workspace holding `export/`).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -38,22 +43,6 @@ pub fn scratch_dir(test: &str) -> PathBuf {
     }
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     dir
-}
-
-/// Runs a command to completion and returns its stdout; panics with the command line, the exit
-/// status and stderr when it fails.
-#[track_caller]
-pub fn run(command: &mut Command) -> String {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "{command:?} failed ({}):\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap_or_else(|e| panic!("{command:?}: stdout: {e}"))
 }
 
 /// Runs the `marengo-export` binary built for this test run.
