@@ -6,13 +6,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::bundle::Bundle;
-use crate::bundle::manifest::{Manifest, QuantKind};
 use crate::chat::ChatTemplate;
 use crate::model::Model;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::session::{Session as ModelSession, SessionError};
 use crate::tokenizer::{TextStream, Tokenizer};
+use marengo_bundle::Bundle;
+use marengo_bundle::manifest::{Manifest, QuantKind};
 
 /// Why a generation ended, as far as the engine knows. The D-Bus layer refines
 /// `Cancelled` into `cancelled`, `disconnected` or `shutdown` from its own bookkeeping.
@@ -78,7 +78,7 @@ pub enum EngineError {
     #[error("the prompt is empty")]
     EmptyPrompt,
     #[error(transparent)]
-    Bundle(#[from] crate::bundle::BundleError),
+    Bundle(#[from] marengo_bundle::BundleError),
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
     #[error(transparent)]
@@ -120,7 +120,7 @@ impl Engine {
         // intermediates on the heap.
         crate::memory::release_free_heap();
         let tokenizer =
-            Tokenizer::from_file(&bundle.dir().join(crate::bundle::manifest::TOKENIZER_FILE))?;
+            Tokenizer::from_file(&bundle.dir().join(marengo_bundle::manifest::TOKENIZER_FILE))?;
         let manifest = bundle.manifest();
         let chat_template = match &manifest.chat_template {
             Some(template) => {

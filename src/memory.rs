@@ -8,7 +8,6 @@
 /// cache stayed resident. Trimming once a prompt is in costs a walk of the heap, not a page
 /// fault per buffer as an `mmap` threshold would (that took 15 % off the 7B prefill). Other
 /// allocators are left as they are.
-#[cfg(feature = "engine")]
 pub fn release_free_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free pages of the heap to the system.

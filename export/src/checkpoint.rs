@@ -160,7 +160,7 @@ fn in_file(file: &Option<PathBuf>) -> String {
 /// Digest of a whole input file.
 pub(crate) fn file_digest(path: &std::path::Path) -> Result<SourceDigest, CheckpointError> {
     let (size, sha256) =
-        marengo::bundle::digest::sha256_file(path).map_err(|source| CheckpointError::Io {
+        marengo_bundle::digest::sha256_file(path).map_err(|source| CheckpointError::Io {
             path: path.to_owned(),
             source,
         })?;

@@ -5,10 +5,10 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use marengo::bundle::layout::{
+use marengo_bundle::layout::{
     HEAD_RESIDUAL_SUFFIX, ROPE_COS, ROPE_SIN, Role, SCALE_SUFFIX, expected_tensors, head_tensor,
 };
-use marengo::bundle::manifest::{
+use marengo_bundle::manifest::{
     FORMAT, FORMAT_VERSION, GRAPH_FILE, Manifest, Provenance, QuantKind, Quantization, SourceFile,
     SpecialTokens, TOKENIZER_FILE, TensorDtype,
 };

@@ -8,12 +8,12 @@
 
 use std::collections::HashMap;
 
-use marengo::bundle::layout::{
+use marengo_bundle::layout::{
     EMBEDDING, FINAL_NORM, HEAD_RESIDUAL_SUFFIX, ROPE_COS, ROPE_SIN, SCALE_SUFFIX, head_tensor,
     layer_tensor,
 };
-use marengo::bundle::manifest::{Architecture, TensorDtype, TensorEntry, WEIGHTS_FILE};
-use marengo::onnx_proto::{
+use marengo_bundle::manifest::{Architecture, TensorDtype, TensorEntry, WEIGHTS_FILE};
+use marengo_bundle::onnx::{
     AttributeProto, DataType, Dim, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
     TensorProto, ValueInfoProto,
 };

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use marengo::bundle::{Bundle, BundleError};
+use marengo_bundle::{Bundle, BundleError};
 
 /// Why a bundle could not be inspected.
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use marengo::bundle::manifest::QuantKind;
+use marengo_bundle::manifest::QuantKind;
 use marengo_export::checkpoint::gguf::GgufCheckpoint;
 use marengo_export::checkpoint::hf_dir::HfCheckpoint;
 use marengo_export::checkpoint::{CheckpointSource, SourceDtype};

@@ -23,7 +23,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{ConfigError, ModelConfig, SourceDtype};
-use marengo::bundle::layout::{ExpectedTensor, Role, expected_tensors};
+use marengo_bundle::layout::{ExpectedTensor, Role, expected_tensors};
 
 /// What to synthesize.
 #[derive(Debug, Clone)]

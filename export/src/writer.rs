@@ -10,8 +10,8 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use marengo::bundle::digest::{sha256_file, to_hex};
-use marengo::bundle::manifest::{
+use marengo_bundle::digest::{sha256_file, to_hex};
+use marengo_bundle::manifest::{
     FileEntry, MANIFEST_FILE, Manifest, TENSOR_ALIGNMENT, TensorDtype, TensorEntry, WEIGHTS_FILE,
 };
 use sha2::{Digest, Sha256};

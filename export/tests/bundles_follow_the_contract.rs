@@ -7,9 +7,9 @@ mod support;
 use std::collections::HashMap;
 use std::path::Path;
 
-use marengo::bundle::Bundle;
-use marengo::bundle::manifest::{QuantKind, TENSOR_ALIGNMENT, TensorDtype};
-use marengo::onnx_proto::{AttributeProto, DataType, Dim, ModelProto, NodeProto};
+use marengo_bundle::Bundle;
+use marengo_bundle::manifest::{QuantKind, TENSOR_ALIGNMENT, TensorDtype};
+use marengo_bundle::onnx::{AttributeProto, DataType, Dim, ModelProto, NodeProto};
 use prost::Message;
 use support::*;
 
@@ -89,7 +89,7 @@ fn check_bundle(dir: &Path, kind: QuantKind, block: Option<usize>, tied: bool) {
             ));
         }
     }
-    let shapes = |values: &[marengo::onnx_proto::ValueInfoProto]| {
+    let shapes = |values: &[marengo_bundle::onnx::ValueInfoProto]| {
         values
             .iter()
             .map(|v| (v.name.clone(), v.tensor_shape().unwrap()))

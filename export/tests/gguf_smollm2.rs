@@ -7,8 +7,8 @@
 
 use std::path::PathBuf;
 
-use marengo::bundle::Bundle;
-use marengo::bundle::manifest::QuantKind;
+use marengo_bundle::Bundle;
+use marengo_bundle::manifest::QuantKind;
 use marengo_export::checkpoint::CheckpointSource;
 use marengo_export::checkpoint::gguf::GgufCheckpoint;
 use marengo_export::convert::{ConvertOptions, convert};

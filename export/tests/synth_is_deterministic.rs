@@ -3,7 +3,7 @@
 
 mod support;
 
-use marengo::bundle::Bundle;
+use marengo_bundle::Bundle;
 use support::*;
 
 #[test]

@@ -15,9 +15,9 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use marengo::bundle::manifest::Manifest;
 use marengo::engine::{Engine, EngineOptions};
 use marengo::memory::MemoryUsage;
+use marengo_bundle::manifest::Manifest;
 
 #[derive(Parser)]
 #[command(

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use marengo::bundle::manifest::Architecture;
+use marengo_bundle::manifest::Architecture;
 use serde::Deserialize;
 use serde_json::Value;
 

@@ -11,7 +11,7 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use marengo::bundle::manifest::Architecture;
+use marengo_bundle::manifest::Architecture;
 use sha2::{Digest, Sha256};
 
 use super::{
@@ -20,7 +20,7 @@ use super::{
 };
 use crate::gguf::tokenizer::{GgufTokenizer, TokenizerError};
 use crate::gguf::{GgmlType, GgufError, GgufFile, GgufIndex, TensorInfo, Value};
-use marengo::bundle::layout as hf_layout;
+use marengo_bundle::layout as hf_layout;
 
 /// Why a GGUF file cannot be read as a checkpoint.
 #[derive(Debug, thiserror::Error)]

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use ::safetensors::{Dtype, SafeTensorError, SafeTensors};
-use marengo::bundle::digest::to_hex;
+use marengo_bundle::digest::to_hex;
 use memmap2::{Mmap, MmapOptions};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};

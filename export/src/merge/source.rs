@@ -10,8 +10,8 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use marengo::bundle::layout::{EMBEDDING, FINAL_NORM, LAYER_MODULES, LM_HEAD, layer_tensor};
-use marengo::bundle::manifest::Architecture;
+use marengo_bundle::layout::{EMBEDDING, FINAL_NORM, LAYER_MODULES, LM_HEAD, layer_tensor};
+use marengo_bundle::manifest::Architecture;
 
 use super::config::{MergeConfig, MergeConfigError};
 use super::slerp::{Coefficients, Operand, Slerp};

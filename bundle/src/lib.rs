@@ -1,6 +1,10 @@
 //! The bundle format: a directory with `model.onnx`, `model.weights`, `tokenizer.json` and
 //! `bundle.json` (see `ARCHITECTURE.md` for the layout).
 //!
+//! A crate of its own because two programs meet here: `marengo-export` writes bundles through
+//! it and `marengod` reads them through it, and neither may know the other. The exporter thus
+//! builds without tract, and a change of format is made in one place.
+//!
 //! [`Bundle::open`] is the only way the daemon gets at a bundle, and it checks everything that
 //! is cheap to check before anything trusts an offset: the manifest's format and version, that
 //! every file is there with its recorded size, that every tensor lies inside `model.weights`,
@@ -11,6 +15,7 @@
 pub mod digest;
 pub mod layout;
 pub mod manifest;
+pub mod onnx;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
