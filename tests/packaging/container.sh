@@ -45,9 +45,18 @@ systemd-nspawn -q -D "$rootfs" --volatile=overlay -b --register=no --keep-unit \
     >"$work/console.log" 2>&1 &
 nspawn_pid=$!
 
-# inside CMD...: runs CMD inside the container as root, with a clean environment.
+# inside CMD...: runs CMD inside the container as root, with a clean environment. When CMD
+# fails and the container cannot be entered any more, exits 125 (not CMD's own failure), so
+# that expect_failure cannot pass because the container is gone.
 inside() {
-    nsenter -t "$container_pid" -a env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"
+    local status=0
+    nsenter -t "$container_pid" -a env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@" \
+        || status=$?
+    if [[ "$status" -ne 0 ]] && ! nsenter -t "$container_pid" -a true 2>/dev/null; then
+        echo "the container (PID ${container_pid:-none}) cannot be entered" >&2
+        return 125
+    fi
+    return "$status"
 }
 # as USER CMD...: runs CMD inside the container as USER.
 as() {

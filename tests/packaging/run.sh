@@ -14,12 +14,18 @@ tests=("$@")
 
 for t in "${tests[@]}"; do
     echo "== packaging: $t"
-    if ! "$here/$t.sh"; then
-        echo "fail $t.sh exited non-zero" >> "$PACKAGING_RESULTS"
-        echo "FAIL - $t.sh exited non-zero"
-    elif ! grep -qx "done $t.sh" "$PACKAGING_RESULTS"; then
-        echo "fail $t.sh stopped before its last check" >> "$PACKAGING_RESULTS"
-        echo "FAIL - $t.sh stopped before its last check"
+    start="$(wc -l < "$PACKAGING_RESULTS")"
+    status=0
+    "$here/$t.sh" || status=$?
+    # A script exits non-zero when one of its checks failed (already counted); anything else
+    # is a failure of its own.
+    failed="$(tail -n "+$((start + 1))" "$PACKAGING_RESULTS" | grep -c '^fail ' || true)"
+    if ! grep -qx "done $t.sh" "$PACKAGING_RESULTS"; then
+        echo "fail $t.sh stopped before its last check (exit status $status)" >> "$PACKAGING_RESULTS"
+        echo "FAIL - $t.sh stopped before its last check (exit status $status)"
+    elif [[ "$status" -ne 0 && "$failed" -eq 0 ]]; then
+        echo "fail $t.sh exited with $status after passing its checks" >> "$PACKAGING_RESULTS"
+        echo "FAIL - $t.sh exited with $status after passing its checks"
     fi
 done
 
