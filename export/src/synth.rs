@@ -10,19 +10,16 @@
 //! Tensors are generated one at a time while the safetensors file is written, so peak memory is
 //! the largest tensor, whatever the model size.
 
-use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
-use safetensors::{Dtype, View};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{ConfigError, ModelConfig, SourceDtype};
+use crate::hf_writer::{CheckpointWriter, HfWriteError, ShardTensor, safetensors_order};
 use marengo_bundle::layout::{ExpectedTensor, Role, expected_tensors};
 
 /// What to synthesize.
@@ -52,11 +49,8 @@ pub enum SynthError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
-    Safetensors {
-        path: PathBuf,
-        source: safetensors::SafeTensorError,
-    },
+    #[error(transparent)]
+    Write(#[from] HfWriteError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SynthError + '_ {
@@ -80,46 +74,28 @@ pub fn synthesize(opts: &SynthOptions) -> Result<(), SynthError> {
     }
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
 
-    let shards = split_into_shards(&tensors, dtype, opts.shards);
-    let mut weight_map = BTreeMap::new();
-    let mut total_size = 0usize;
-    for (index, shard) in shards.iter().enumerate() {
-        let file_name = if opts.shards == 1 {
-            "model.safetensors".to_owned()
-        } else {
-            format!("model-{:05}-of-{:05}.safetensors", index + 1, opts.shards)
-        };
-        let path = opts.out.join(&file_name);
-        tracing::info!(file = %path.display(), tensors = shard.len(), "writing shard");
-        let views: Vec<(String, RandomTensor)> = shard
-            .iter()
-            .map(|t| {
-                total_size += t.shape.iter().product::<usize>() * dtype.size();
-                weight_map.insert(t.name.clone(), file_name.clone());
-                (
-                    t.name.clone(),
-                    RandomTensor::new(t.clone(), dtype, opts.seed),
-                )
-            })
-            .collect();
-        let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
-        safetensors::serialize_to_file(views, Some(metadata), &path).map_err(|source| {
-            SynthError::Safetensors {
-                path: path.clone(),
-                source,
-            }
-        })?;
-        // The safetensors writer goes through a private temporary file (mode 0600).
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
-            .map_err(io_err(&path))?;
-    }
-    if opts.shards > 1 {
-        let index = json!({ "metadata": { "total_size": total_size }, "weight_map": weight_map });
-        write_json(&opts.out.join("model.safetensors.index.json"), &index)?;
-    }
+    let writer = CheckpointWriter::new(&opts.out);
+    let shards: Vec<Vec<RandomTensor>> = split_into_shards(&tensors, dtype, opts.shards)
+        .into_iter()
+        .map(|shard| {
+            let mut shard: Vec<RandomTensor> = shard
+                .into_iter()
+                .map(|tensor| RandomTensor {
+                    tensor,
+                    dtype,
+                    seed: opts.seed,
+                })
+                .collect();
+            // The layout of the checkpoints made before, with the safetensors crate's writer.
+            safetensors_order(&mut shard);
+            shard
+        })
+        .collect();
+    writer.write_shards(shards, |t| {
+        Ok::<_, HfWriteError>(random_values(&t.tensor, t.dtype, t.seed))
+    })?;
 
-    let config_path = opts.out.join("config.json");
-    std::fs::write(&config_path, &config_text).map_err(io_err(&config_path))?;
+    writer.write_config(&config_text)?;
     let mut generation = json!({ "_from_model_config": true });
     if let Some(bos) = config.bos_token_id {
         generation["bos_token_id"] = json!(bos);
@@ -129,20 +105,11 @@ pub fn synthesize(opts: &SynthOptions) -> Result<(), SynthError> {
         [one] => generation["eos_token_id"] = json!(one),
         many => generation["eos_token_id"] = json!(many),
     }
-    write_json(&opts.out.join("generation_config.json"), &generation)?;
+    writer.write_json("generation_config.json", &generation)?;
     if let Some(tokenizer) = &opts.tokenizer {
-        let dest = opts.out.join("tokenizer.json");
-        std::fs::copy(tokenizer, &dest).map_err(io_err(tokenizer))?;
+        writer.copy_file("tokenizer.json", tokenizer)?;
     }
     Ok(())
-}
-
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), SynthError> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| SynthError::Io {
-        path: path.to_owned(),
-        source: e.into(),
-    })?;
-    std::fs::write(path, text + "\n").map_err(io_err(path))
 }
 
 /// Splits tensors, in order, into `count` runs of roughly equal byte size.
@@ -170,42 +137,24 @@ fn split_into_shards(
     shards
 }
 
-/// A tensor whose bytes are generated only when the safetensors writer asks for them.
+/// A tensor whose bytes are generated only when the checkpoint writer asks for them.
 struct RandomTensor {
     tensor: ExpectedTensor,
     dtype: SourceDtype,
     seed: u64,
 }
 
-impl RandomTensor {
-    fn new(tensor: ExpectedTensor, dtype: SourceDtype, seed: u64) -> Self {
-        RandomTensor {
-            tensor,
-            dtype,
-            seed,
-        }
+impl ShardTensor for RandomTensor {
+    fn name(&self) -> &str {
+        &self.tensor.name
     }
-}
 
-impl View for RandomTensor {
-    fn dtype(&self) -> Dtype {
-        match self.dtype {
-            SourceDtype::Bf16 => Dtype::BF16,
-            SourceDtype::F16 => Dtype::F16,
-            SourceDtype::F32 => Dtype::F32,
-        }
+    fn dtype(&self) -> SourceDtype {
+        self.dtype
     }
 
     fn shape(&self) -> &[usize] {
         &self.tensor.shape
-    }
-
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(random_values(&self.tensor, self.dtype, self.seed))
-    }
-
-    fn data_len(&self) -> usize {
-        self.tensor.shape.iter().product::<usize>() * self.dtype.size()
     }
 }
 

@@ -1,10 +1,8 @@
 //! Builds a bundle directory atomically.
 //!
-//! Everything is written into a hidden temporary directory next to the target
-//! (`.NAME.partial-XXXX`), then renamed into place in one step: an export that fails or is
-//! interrupted never leaves something at the target that looks like a bundle. On any error the
-//! temporary directory is removed when the writer is dropped. `model.weights` is hashed while it
-//! is written, so it is never read back.
+//! The bundle is written into an [`AtomicDir`] next to the target and renamed into place in one
+//! step: an export that fails or is interrupted never leaves something at the target that looks
+//! like a bundle. `model.weights` is hashed while it is written, so it is never read back.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -15,6 +13,8 @@ use marengo_bundle::manifest::{
     FileEntry, MANIFEST_FILE, Manifest, TENSOR_ALIGNMENT, TensorDtype, TensorEntry, WEIGHTS_FILE,
 };
 use sha2::{Digest, Sha256};
+
+use crate::atomic_dir::{AtomicDir, AtomicDirError};
 
 /// Why the bundle could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,16 @@ pub enum WriteError {
     TargetNotDir { path: PathBuf },
 }
 
+impl From<AtomicDirError> for WriteError {
+    fn from(error: AtomicDirError) -> Self {
+        match error {
+            AtomicDirError::Io { path, source } => WriteError::Io { path, source },
+            AtomicDirError::NotEmpty { path } => WriteError::TargetExists { path },
+            AtomicDirError::NotDir { path } => WriteError::TargetNotDir { path },
+        }
+    }
+}
+
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> WriteError + '_ {
     move |source| WriteError::Io {
         path: path.to_owned(),
@@ -45,9 +55,7 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> WriteError + '_ {
 
 /// A bundle under construction.
 pub struct BundleWriter {
-    target: PathBuf,
-    force: bool,
-    temp: tempfile::TempDir,
+    dir: AtomicDir,
     weights: BufWriter<File>,
     weights_path: PathBuf,
     weights_digest: Sha256,
@@ -58,43 +66,18 @@ pub struct BundleWriter {
 
 impl BundleWriter {
     /// Prepares a temporary directory next to `target`. Refuses a non-empty `target` unless
-    /// `force`.
+    /// `force`, and anything but a directory even with it.
     pub fn create(target: &Path, force: bool) -> Result<Self, WriteError> {
-        if target.exists() {
-            if !target.is_dir() {
-                return Err(WriteError::TargetNotDir {
-                    path: target.to_owned(),
-                });
-            }
-            let non_empty = std::fs::read_dir(target)
-                .map_err(io_error(target))?
-                .next()
-                .is_some();
-            if non_empty && !force {
-                return Err(WriteError::TargetExists {
-                    path: target.to_owned(),
-                });
-            }
+        if target.exists() && !target.is_dir() {
+            return Err(WriteError::TargetNotDir {
+                path: target.to_owned(),
+            });
         }
-        let parent = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "bundle".into());
-        std::fs::create_dir_all(&parent).map_err(io_error(&parent))?;
-        let temp = tempfile::Builder::new()
-            .prefix(&format!(".{name}.partial-"))
-            .tempdir_in(&parent)
-            .map_err(io_error(&parent))?;
-        let weights_path = temp.path().join(WEIGHTS_FILE);
+        let dir = AtomicDir::create(target, force)?;
+        let weights_path = dir.path().join(WEIGHTS_FILE);
         let file = File::create(&weights_path).map_err(io_error(&weights_path))?;
         Ok(BundleWriter {
-            target: target.to_owned(),
-            force,
-            temp,
+            dir,
             weights: BufWriter::with_capacity(8 << 20, file),
             weights_path,
             weights_digest: Sha256::new(),
@@ -146,7 +129,7 @@ impl BundleWriter {
 
     /// Writes a whole file of the bundle.
     pub fn add_file(&mut self, name: &str, bytes: &[u8]) -> Result<(), WriteError> {
-        let path = self.temp.path().join(name);
+        let path = self.dir.path().join(name);
         std::fs::write(&path, bytes).map_err(io_error(&path))?;
         self.files.push(name.to_owned());
         Ok(())
@@ -154,7 +137,7 @@ impl BundleWriter {
 
     /// Copies a file into the bundle.
     pub fn copy_file(&mut self, name: &str, source: &Path) -> Result<(), WriteError> {
-        let path = self.temp.path().join(name);
+        let path = self.dir.path().join(name);
         std::fs::copy(source, &path).map_err(|e| WriteError::Copy {
             from: source.to_owned(),
             to: path.clone(),
@@ -164,18 +147,14 @@ impl BundleWriter {
         Ok(())
     }
 
-    /// Completes `manifest` with the files and tensors, writes it, syncs, and renames the
-    /// directory into place. `manifest.files` and `manifest.tensors` are overwritten.
+    /// Completes `manifest` with the files and tensors, writes it, and commits the directory
+    /// (synced, renamed into place). `manifest.files` and `manifest.tensors` are overwritten.
     pub fn finish(mut self, mut manifest: Manifest) -> Result<PathBuf, WriteError> {
         self.weights.flush().map_err(io_error(&self.weights_path))?;
-        self.weights
-            .get_ref()
-            .sync_all()
-            .map_err(io_error(&self.weights_path))?;
         manifest.tensors = std::mem::take(&mut self.tensors);
         manifest.files.clear();
         for name in &self.files {
-            let path = self.temp.path().join(name);
+            let path = self.dir.path().join(name);
             let entry = if name == WEIGHTS_FILE {
                 FileEntry {
                     size: self.weights_len,
@@ -183,14 +162,11 @@ impl BundleWriter {
                 }
             } else {
                 let (size, sha256) = sha256_file(&path).map_err(io_error(&path))?;
-                File::open(&path)
-                    .and_then(|f| f.sync_all())
-                    .map_err(io_error(&path))?;
                 FileEntry { size, sha256 }
             };
             manifest.files.insert(name.clone(), entry);
         }
-        let manifest_path = self.temp.path().join(MANIFEST_FILE);
+        let manifest_path = self.dir.path().join(MANIFEST_FILE);
         let text = serde_json::to_string_pretty(&manifest).map_err(|e| WriteError::Io {
             path: manifest_path.clone(),
             source: e.into(),
@@ -198,45 +174,7 @@ impl BundleWriter {
         let mut file = File::create(&manifest_path).map_err(io_error(&manifest_path))?;
         file.write_all(text.as_bytes())
             .and_then(|()| file.write_all(b"\n"))
-            .and_then(|()| file.sync_all())
             .map_err(io_error(&manifest_path))?;
-        self.commit()
-    }
-
-    /// Moves the finished directory to the target; a replaced bundle is moved aside first and
-    /// deleted only once the new one is in place.
-    fn commit(self) -> Result<PathBuf, WriteError> {
-        let mut aside = None;
-        if self.target.exists() {
-            if self.force {
-                let old = self.temp.path().with_extension("replaced");
-                std::fs::rename(&self.target, &old).map_err(io_error(&self.target))?;
-                aside = Some(old);
-            } else {
-                // Checked empty at creation; rename cannot replace a directory otherwise.
-                std::fs::remove_dir(&self.target).map_err(io_error(&self.target))?;
-            }
-        }
-        let temp = self.temp.keep();
-        if let Err(source) = std::fs::rename(&temp, &self.target) {
-            // Best effort to leave things as they were before reporting the failure.
-            let _ = std::fs::remove_dir_all(&temp);
-            if let Some(old) = &aside {
-                let _ = std::fs::rename(old, &self.target);
-            }
-            return Err(WriteError::Io {
-                path: self.target,
-                source,
-            });
-        }
-        if let Some(old) = aside {
-            std::fs::remove_dir_all(&old).map_err(io_error(&old))?;
-        }
-        if let Some(parent) = self.target.parent().filter(|p| !p.as_os_str().is_empty()) {
-            File::open(parent)
-                .and_then(|d| d.sync_all())
-                .map_err(io_error(parent))?;
-        }
-        Ok(self.target)
+        Ok(self.dir.commit()?)
     }
 }

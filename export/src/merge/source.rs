@@ -15,11 +15,13 @@ use marengo_bundle::manifest::Architecture;
 
 use super::config::{MergeConfig, MergeConfigError};
 use super::slerp::{Coefficients, Operand, Slerp};
+use crate::atomic_dir::AtomicDirError;
 use crate::checkpoint::hf_dir::HfCheckpoint;
 use crate::checkpoint::{
     CheckpointError, CheckpointSource, ModelConfig, SourceDigest, SourceDtype, SourceTensor,
     TensorBytes, TokenizerFiles, file_digest,
 };
+use crate::hf_writer::HfWriteError;
 
 /// Why a merge cannot be made.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +78,10 @@ pub enum MergeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Target(#[from] AtomicDirError),
+    #[error(transparent)]
+    Write(#[from] HfWriteError),
 }
 
 /// One output tensor and where it comes from.
