@@ -111,11 +111,7 @@ impl Engine {
         if options.verify_hashes {
             bundle.verify_hashes()?;
         }
-        let model = Arc::new(Model::load(
-            bundle.dir(),
-            bundle.weights().clone(),
-            bundle.manifest().architecture.context_length,
-        )?);
+        let model = Arc::new(Model::load(&bundle)?);
         // Parsing and optimising the graph leaves megabytes of freed protobuf and tract
         // intermediates on the heap.
         crate::memory::release_free_heap();

@@ -219,3 +219,62 @@ fn the_undamaged_bundle_loads_and_a_wrong_size_is_refused() {
         .expect("a grown weights file is refused");
     assert!(err.to_string().contains("model.weights"), "{err}");
 }
+
+/// The FP8 weights are bound from the tensor table `Bundle::open` checked, so a graph whose
+/// initializer points at other bytes of `model.weights` than the table says (here k_proj's at
+/// v_proj's, same shape and length: nothing else would notice) is refused, naming the tensor.
+#[test]
+fn a_graph_disagreeing_with_the_tensor_table_is_refused() {
+    use marengo_bundle::onnx::ModelProto;
+    use prost::Message;
+
+    let original = dbus_support::tiny_bundle();
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let bytes = std::fs::read(original.join("model.onnx")).expect("model.onnx");
+    let mut model = ModelProto::decode(bytes.as_slice()).expect("the exported graph decodes");
+    let graph = model.graph.as_mut().expect("a graph");
+    let offset_of = |name: &str| {
+        let init = graph
+            .initializer
+            .iter()
+            .find(|t| t.name == name)
+            .unwrap_or_else(|| panic!("no initializer {name}"));
+        init.external_location()
+            .expect("external data")
+            .expect("stored outside the graph")
+            .offset
+    };
+    let k = "model.layers.0.self_attn.k_proj.weight";
+    let v_offset = offset_of("model.layers.0.self_attn.v_proj.weight");
+    let init = graph
+        .initializer
+        .iter_mut()
+        .find(|t| t.name == k)
+        .expect("k_proj");
+    let entry = init
+        .external_data
+        .iter_mut()
+        .find(|e| e.key == "offset")
+        .expect("an offset");
+    entry.value = v_offset.to_string();
+    let damaged = model.encode_to_vec();
+
+    for name in ["model.weights", "tokenizer.json"] {
+        std::fs::hard_link(original.join(name), scratch.path().join(name)).expect("hard link");
+    }
+    std::fs::write(scratch.path().join("model.onnx"), &damaged).expect("write");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(original.join("bundle.json")).expect("bundle.json"))
+            .expect("the manifest is JSON");
+    manifest["files"]["model.onnx"]["size"] = serde_json::json!(damaged.len());
+    std::fs::write(scratch.path().join("bundle.json"), manifest.to_string()).expect("write");
+
+    let err = Engine::load(scratch.path(), &EngineOptions::default())
+        .err()
+        .expect("a graph pointing elsewhere than the table is refused")
+        .to_string();
+    assert!(
+        err.contains(k) && err.contains("offset") && err.contains("tensor table"),
+        "{err}"
+    );
+}

@@ -1,8 +1,9 @@
-//! Tensor names and shapes of a Mistral/Llama model. A bundle names its tensors as HuggingFace
-//! checkpoints do, so this one list serves the exporter (what a checkpoint must contain), the
-//! bundle check (what a bundle must contain) and the engine (which initializer is which).
+//! Tensor names and shapes of a Mistral/Llama model, and what a bundle stores of them. A bundle
+//! names its tensors as HuggingFace checkpoints do, so these lists serve the exporter (what a
+//! checkpoint must contain, what it writes: [`stored_tensors`]), the bundle check (what a
+//! bundle must contain) and the engine (which initializer is which).
 
-use super::manifest::Architecture;
+use super::manifest::{Architecture, QuantKind, Quantization, TensorDtype};
 
 /// What a tensor is for, which decides how it is stored in a bundle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,4 +110,157 @@ pub fn expected_tensors(arch: &Architecture) -> Vec<ExpectedTensor> {
         });
     }
     out
+}
+
+/// One tensor as a bundle stores it in `model.weights`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredTensor {
+    pub name: String,
+    pub dtype: TensorDtype,
+    pub shape: Vec<usize>,
+}
+
+/// A stored tensor and, when FP8, its f32 scales (`{name}_scale`): `[rows]`, one per output
+/// channel, or `[rows, cols / block_size]`, one per block of a row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scaled {
+    pub tensor: StoredTensor,
+    pub scale: Option<StoredTensor>,
+}
+
+/// What a bundle stores of one checkpoint tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredWeight {
+    /// The checkpoint tensor it is made from.
+    pub source: ExpectedTensor,
+    /// The tensor itself, under the same name: f32 for a norm, the quantization's dtype
+    /// otherwise.
+    pub stored: Scaled,
+    /// The head's FP8 rounding error (`{name}.residual`) when the quantization asks for it.
+    pub residual: Option<Scaled>,
+}
+
+/// Every tensor of a bundle for an architecture and a quantization: the weights, embedding
+/// first and LM head last, then the rotary caches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredTensors {
+    pub weights: Vec<StoredWeight>,
+    /// [`ROPE_COS`] and [`ROPE_SIN`], f32 `[context_length, head_dim / 2]`.
+    pub rope: [StoredTensor; 2],
+}
+
+impl StoredTensors {
+    /// Each stored tensor with the name of the tensor it scales, if it is a scale: a weight,
+    /// its scale, its residual and the residual's scale, weight after weight, then the rotary
+    /// caches.
+    pub fn all(&self) -> impl Iterator<Item = (&StoredTensor, Option<&str>)> {
+        self.weights
+            .iter()
+            .flat_map(|w| std::iter::once(&w.stored).chain(&w.residual))
+            .flat_map(|s| {
+                let scaled = s.tensor.name.as_str();
+                std::iter::once((&s.tensor, None))
+                    .chain(s.scale.iter().map(move |t| (t, Some(scaled))))
+            })
+            .chain(self.rope.iter().map(|t| (t, None)))
+    }
+}
+
+/// Why a quantization cannot be stored for an architecture.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuantizationError {
+    #[error("head_residual is only defined for FP8 bundles")]
+    HeadResidualWithoutFp8,
+    #[error("block_size {block} does not divide {cols} of tensor {tensor}")]
+    BlockSize {
+        tensor: String,
+        block: usize,
+        cols: usize,
+    },
+}
+
+/// The tensors a bundle of `arch` (validated) stores under `quant`: what the exporter writes
+/// and what `Bundle::open` checks the tensor table against.
+pub fn stored_tensors(
+    arch: &Architecture,
+    quant: &Quantization,
+) -> Result<StoredTensors, QuantizationError> {
+    let fp8 = quant.kind == QuantKind::Fp8E4m3fn;
+    if quant.head_residual && !fp8 {
+        return Err(QuantizationError::HeadResidualWithoutFp8);
+    }
+    let scaled = |name: String, shape: &[usize]| -> Result<Scaled, QuantizationError> {
+        let scale = if fp8 {
+            let (rows, cols) = (shape[0], shape[1]);
+            let scale_shape = match quant.block_size {
+                None => vec![rows],
+                Some(block) if block > 0 && cols.is_multiple_of(block) => {
+                    vec![rows, cols / block]
+                }
+                Some(block) => {
+                    return Err(QuantizationError::BlockSize {
+                        tensor: name,
+                        block,
+                        cols,
+                    });
+                }
+            };
+            Some(StoredTensor {
+                name: format!("{name}{SCALE_SUFFIX}"),
+                dtype: TensorDtype::F32,
+                shape: scale_shape,
+            })
+        } else {
+            None
+        };
+        Ok(Scaled {
+            tensor: StoredTensor {
+                name,
+                dtype: quant.kind.stored_dtype(),
+                shape: shape.to_vec(),
+            },
+            scale,
+        })
+    };
+    let head = head_tensor(arch);
+    let mut weights = Vec::new();
+    for source in expected_tensors(arch) {
+        let (stored, residual) = if source.role == Role::Norm {
+            let norm = StoredTensor {
+                name: source.name.clone(),
+                dtype: TensorDtype::F32,
+                shape: source.shape.clone(),
+            };
+            let stored = Scaled {
+                tensor: norm,
+                scale: None,
+            };
+            (stored, None)
+        } else {
+            let stored = scaled(source.name.clone(), &source.shape)?;
+            let residual = (quant.head_residual && source.name == head)
+                .then(|| {
+                    scaled(
+                        format!("{}{HEAD_RESIDUAL_SUFFIX}", source.name),
+                        &source.shape,
+                    )
+                })
+                .transpose()?;
+            (stored, residual)
+        };
+        weights.push(StoredWeight {
+            source,
+            stored,
+            residual,
+        });
+    }
+    let rope = |name: &str| StoredTensor {
+        name: name.to_owned(),
+        dtype: TensorDtype::F32,
+        shape: vec![arch.context_length, arch.head_dim / 2],
+    };
+    Ok(StoredTensors {
+        weights,
+        rope: [rope(ROPE_COS), rope(ROPE_SIN)],
+    })
 }

@@ -8,29 +8,35 @@
 //! [`Bundle::open`] is the only way the daemon gets at a bundle, and it checks everything that
 //! is cheap to check before anything trusts an offset: the manifest's format and version, that
 //! every file is there with its recorded size, that every tensor lies inside `model.weights`,
-//! page aligned, with a length matching its shape, and that the tensor table matches the
-//! architecture. Full SHA-256 verification reads every byte, so it is a separate, explicit step
+//! page aligned, with a length matching its shape, that the architecture is one the graph can
+//! be built for ([`Architecture::validate`](manifest::Architecture::validate)), and that the
+//! tensor table is exactly the one [`layout::stored_tensors`] lists for that architecture and
+//! quantization. The engine then binds its weights from that table ([`Bundle::tensor`],
+//! [`Bundle::external_tensor`]), never from offsets it has not seen checked. Full SHA-256 verification reads every byte, so it is a separate, explicit step
 //! ([`Bundle::verify_hashes`]).
 
+pub mod architecture;
 pub mod digest;
+pub mod graph;
 pub mod layout;
 pub mod manifest;
 pub mod onnx;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use memmap2::Mmap;
 
-use layout::{
-    HEAD_RESIDUAL_SUFFIX, ROPE_COS, ROPE_SIN, Role, SCALE_SUFFIX, expected_tensors, head_tensor,
-};
+use architecture::ArchitectureError;
+use layout::{QuantizationError, stored_tensors};
 use manifest::{
-    FORMAT, FORMAT_VERSION, GRAPH_FILE, MANIFEST_FILE, Manifest, QuantKind, TENSOR_ALIGNMENT,
-    TOKENIZER_FILE, TensorDtype, TensorEntry, WEIGHTS_FILE,
+    FORMAT, FORMAT_VERSION, GRAPH_FILE, MANIFEST_FILE, Manifest, TENSOR_ALIGNMENT, TOKENIZER_FILE,
+    TensorEntry, WEIGHTS_FILE,
 };
+use onnx::{DataType, ExternalDataError, ExternalLocation};
 
 /// Why a directory is not a usable bundle. Every variant names the file or tensor at fault.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +74,9 @@ pub enum BundleError {
     #[error("tensor {tensor} is missing from the manifest")]
     MissingTensor { tensor: String },
     #[error("architecture: {0}")]
-    Architecture(String),
+    Architecture(#[from] ArchitectureError),
+    #[error("quantization: {0}")]
+    Quantization(#[from] QuantizationError),
 }
 
 impl BundleError {
@@ -208,12 +216,83 @@ impl Bundle {
         self.index.get(name).map(|&i| &self.manifest.tensors[i])
     }
 
-    /// A tensor's bytes in the mapped file (bounds were checked by [`Bundle::open`]).
-    pub fn tensor_bytes(&self, name: &str) -> Option<&[u8]> {
+    /// A tensor's byte range in the mapped file (bounds were checked by [`Bundle::open`]).
+    pub fn tensor_range(&self, name: &str) -> Option<Range<usize>> {
         let entry = self.tensor(name)?;
         let start = usize::try_from(entry.offset).ok()?;
         let end = start.checked_add(usize::try_from(entry.length).ok()?)?;
-        self.weights.get(start..end)
+        (end <= self.weights.len()).then_some(start..end)
+    }
+
+    /// A tensor's bytes in the mapped file (bounds were checked by [`Bundle::open`]).
+    pub fn tensor_bytes(&self, name: &str) -> Option<&[u8]> {
+        self.tensor_range(name).map(|range| &self.weights[range])
+    }
+
+    /// The table entry of the graph's initializer `name`, stored outside the graph as its
+    /// `external_data` entries (key, value) say, once graph and table agree on the file, the
+    /// offset, the length, the element type (`data_type`, ONNX's numbering) and the shape.
+    ///
+    /// `model.onnx` repeats the table's placements, and whatever reads initializers from it
+    /// (tract does, for the f32 ones) would trust them; a graph that disagrees with the table
+    /// `open` checked is refused here, naming the tensor.
+    pub fn external_tensor<'a>(
+        &self,
+        name: &str,
+        data_type: i32,
+        dims: &[i64],
+        external_data: impl IntoIterator<Item = (&'a str, &'a str)> + Clone,
+    ) -> Result<&TensorEntry, ExternalDataError> {
+        let entry = self
+            .tensor(name)
+            .ok_or_else(|| ExternalDataError::NotInTable {
+                tensor: name.to_owned(),
+            })?;
+        let graph = ExternalLocation::from_entries(name, external_data)?;
+        let disagrees = |what, graph: String, table: String| ExternalDataError::Disagrees {
+            tensor: name.to_owned(),
+            what,
+            graph,
+            table,
+        };
+        if graph.location != WEIGHTS_FILE {
+            return Err(disagrees(
+                "location",
+                format!("{:?}", graph.location),
+                format!("{WEIGHTS_FILE:?}"),
+            ));
+        }
+        if graph.offset != entry.offset {
+            return Err(disagrees(
+                "offset",
+                graph.offset.to_string(),
+                entry.offset.to_string(),
+            ));
+        }
+        if graph.length != Some(entry.length) {
+            let length = graph.length.map_or("none".into(), |l| l.to_string());
+            return Err(disagrees("length", length, entry.length.to_string()));
+        }
+        let table_type = DataType::from(entry.dtype);
+        if data_type != table_type as i32 {
+            return Err(disagrees(
+                "data_type",
+                data_type.to_string(),
+                format!("{} ({:?})", table_type as i32, entry.dtype),
+            ));
+        }
+        if !dims
+            .iter()
+            .map(|&d| usize::try_from(d).ok())
+            .eq(entry.shape.iter().map(|&d| Some(d)))
+        {
+            return Err(disagrees(
+                "shape",
+                format!("{dims:?}"),
+                format!("{:?}", entry.shape),
+            ));
+        }
+        Ok(entry)
     }
 }
 
@@ -283,104 +362,39 @@ fn check_architecture(
     manifest: &Manifest,
     index: &HashMap<String, usize>,
 ) -> Result<(), BundleError> {
-    let arch = &manifest.architecture;
-    if arch.num_kv_heads == 0 || !arch.num_heads.is_multiple_of(arch.num_kv_heads) {
-        return Err(BundleError::Architecture(format!(
-            "num_kv_heads {} does not divide num_heads {}",
-            arch.num_kv_heads, arch.num_heads
-        )));
-    }
-    if arch.head_dim == 0 || !arch.head_dim.is_multiple_of(2) || arch.context_length == 0 {
-        return Err(BundleError::Architecture(format!(
-            "head_dim {} must be even and context_length {} positive",
-            arch.head_dim, arch.context_length
-        )));
-    }
-    let quant = &manifest.quantization;
-    let stored = match quant.kind {
-        QuantKind::Fp8E4m3fn => TensorDtype::Fp8E4m3fn,
-        QuantKind::F16 => TensorDtype::F16,
-        QuantKind::F32 => TensorDtype::F32,
-    };
-    let lookup = |name: &str| {
-        index
-            .get(name)
+    manifest.architecture.validate()?;
+    let stored = stored_tensors(&manifest.architecture, &manifest.quantization)?;
+    let mut expected_names = BTreeSet::new();
+    for (tensor, scale_of) in stored.all() {
+        let entry = index
+            .get(&tensor.name)
             .map(|&i| &manifest.tensors[i])
             .ok_or_else(|| BundleError::MissingTensor {
-                tensor: name.to_owned(),
-            })
-    };
-    let check = |entry: &TensorEntry, dtype: TensorDtype, shape: &[usize]| {
-        if entry.dtype != dtype || entry.shape != shape {
+                tensor: tensor.name.clone(),
+            })?;
+        if entry.dtype != tensor.dtype || entry.shape != tensor.shape {
             return Err(BundleError::tensor(
                 &entry.name,
                 format!(
-                    "is {:?} {:?}; the architecture calls for {dtype:?} {shape:?}",
-                    entry.dtype, entry.shape
+                    "is {:?} {:?}; the architecture calls for {:?} {:?}",
+                    entry.dtype, entry.shape, tensor.dtype, tensor.shape
                 ),
             ));
         }
-        Ok(())
-    };
-
-    // An FP8 tensor's scales: per row, or per block of the row.
-    let check_scale = |name: &str, shape: &[usize]| -> Result<String, BundleError> {
-        let scale_name = format!("{name}{SCALE_SUFFIX}");
-        let scale = lookup(&scale_name)?;
-        let (rows, cols) = (shape[0], shape[1]);
-        let scale_shape = match quant.block_size {
-            None => vec![rows],
-            Some(block) if block > 0 && cols.is_multiple_of(block) => vec![rows, cols / block],
-            Some(block) => {
-                return Err(BundleError::Architecture(format!(
-                    "block_size {block} does not divide {cols} of tensor {name}"
-                )));
-            }
-        };
-        check(scale, TensorDtype::F32, &scale_shape)?;
-        if scale.scale_of.as_deref() != Some(name) {
+        if let Some(of) = scale_of
+            && entry.scale_of.as_deref() != Some(of)
+        {
             return Err(BundleError::tensor(
-                &scale_name,
-                format!("scale_of should name {name}"),
+                &entry.name,
+                format!("scale_of should name {of}"),
             ));
         }
-        Ok(scale_name)
-    };
-
-    let mut expected_names = BTreeSet::new();
-    for tensor in expected_tensors(arch) {
-        let entry = lookup(&tensor.name)?;
-        expected_names.insert(tensor.name.clone());
-        if tensor.role == Role::Norm {
-            check(entry, TensorDtype::F32, &tensor.shape)?;
-            continue;
-        }
-        check(entry, stored, &tensor.shape)?;
-        if quant.kind == QuantKind::Fp8E4m3fn {
-            expected_names.insert(check_scale(&tensor.name, &tensor.shape)?);
-        }
-    }
-    if quant.head_residual {
-        if quant.kind != QuantKind::Fp8E4m3fn {
-            return Err(BundleError::Architecture(
-                "head_residual is only defined for FP8 bundles".into(),
-            ));
-        }
-        let residual = format!("{}{HEAD_RESIDUAL_SUFFIX}", head_tensor(arch));
-        let shape = [arch.vocab_size, arch.hidden_size];
-        check(lookup(&residual)?, stored, &shape)?;
-        expected_names.insert(check_scale(&residual, &shape)?);
-        expected_names.insert(residual);
-    }
-    let rope_shape = [arch.context_length, arch.head_dim / 2];
-    for name in [ROPE_COS, ROPE_SIN] {
-        check(lookup(name)?, TensorDtype::F32, &rope_shape)?;
-        expected_names.insert(name.to_owned());
+        expected_names.insert(tensor.name.as_str());
     }
     if let Some(extra) = manifest
         .tensors
         .iter()
-        .find(|t| !expected_names.contains(&t.name))
+        .find(|t| !expected_names.contains(t.name.as_str()))
     {
         return Err(BundleError::tensor(
             &extra.name,

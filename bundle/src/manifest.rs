@@ -90,6 +90,17 @@ pub enum QuantKind {
     F32,
 }
 
+impl QuantKind {
+    /// The element type the embedding, the linear layers and the LM head are stored in.
+    pub fn stored_dtype(self) -> TensorDtype {
+        match self {
+            QuantKind::Fp8E4m3fn => TensorDtype::Fp8E4m3fn,
+            QuantKind::F16 => TensorDtype::F16,
+            QuantKind::F32 => TensorDtype::F32,
+        }
+    }
+}
+
 /// Element type of a tensor in [`WEIGHTS_FILE`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

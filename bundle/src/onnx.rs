@@ -10,6 +10,9 @@
 
 use prost::Message;
 
+use crate::graph::{EXTERNAL_LENGTH, EXTERNAL_LOCATION, EXTERNAL_OFFSET};
+use crate::manifest::TensorDtype;
+
 /// `TensorProto.DataType`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
 #[repr(i32)]
@@ -294,6 +297,16 @@ pub struct TensorProto {
     pub metadata_props: Vec<StringStringEntryProto>,
 }
 
+impl From<TensorDtype> for DataType {
+    fn from(dtype: TensorDtype) -> Self {
+        match dtype {
+            TensorDtype::Fp8E4m3fn => DataType::Float8e4m3fn,
+            TensorDtype::F16 => DataType::Float16,
+            TensorDtype::F32 => DataType::Float,
+        }
+    }
+}
+
 /// Where an external tensor's bytes are, as its `external_data` entries say.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExternalLocation {
@@ -304,7 +317,7 @@ pub struct ExternalLocation {
     pub length: Option<u64>,
 }
 
-/// Why an initializer's `external_data` cannot be read.
+/// Why an initializer's `external_data` cannot be read, or is not what the tensor table says.
 #[derive(Debug, thiserror::Error)]
 pub enum ExternalDataError {
     #[error("tensor {tensor}: external_data has no `location`")]
@@ -315,6 +328,50 @@ pub enum ExternalDataError {
         key: String,
         value: String,
     },
+    #[error("tensor {tensor}: stored outside the graph but not listed in the tensor table")]
+    NotInTable { tensor: String },
+    #[error("tensor {tensor}: the graph says {what} {graph}, the tensor table {table}")]
+    Disagrees {
+        tensor: String,
+        what: &'static str,
+        graph: String,
+        table: String,
+    },
+}
+
+impl ExternalLocation {
+    /// Reads the `external_data` entries (key, value) of the initializer `tensor`.
+    pub fn from_entries<'a>(
+        tensor: &str,
+        entries: impl IntoIterator<Item = (&'a str, &'a str)> + Clone,
+    ) -> Result<Self, ExternalDataError> {
+        let get = |key: &str| {
+            entries
+                .clone()
+                .into_iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v)
+        };
+        let number = |key: &str| -> Result<Option<u64>, ExternalDataError> {
+            get(key)
+                .map(|value| {
+                    value.parse().map_err(|_| ExternalDataError::BadNumber {
+                        tensor: tensor.to_owned(),
+                        key: key.to_owned(),
+                        value: value.to_owned(),
+                    })
+                })
+                .transpose()
+        };
+        let location = get(EXTERNAL_LOCATION).ok_or_else(|| ExternalDataError::NoLocation {
+            tensor: tensor.to_owned(),
+        })?;
+        Ok(ExternalLocation {
+            location: location.to_owned(),
+            offset: number(EXTERNAL_OFFSET)?.unwrap_or(0),
+            length: number(EXTERNAL_LENGTH)?,
+        })
+    }
 }
 
 impl TensorProto {
@@ -337,9 +394,9 @@ impl TensorProto {
             dims: dims.to_vec(),
             data_location: DataLocation::External as i32,
             external_data: vec![
-                entry("location", location.to_owned()),
-                entry("offset", offset.to_string()),
-                entry("length", length.to_string()),
+                entry(EXTERNAL_LOCATION, location.to_owned()),
+                entry(EXTERNAL_OFFSET, offset.to_string()),
+                entry(EXTERNAL_LENGTH, length.to_string()),
             ],
             ..Default::default()
         }
@@ -350,31 +407,11 @@ impl TensorProto {
         if self.data_location != DataLocation::External as i32 {
             return Ok(None);
         }
-        let get = |key: &str| {
-            self.external_data
-                .iter()
-                .find(|e| e.key == key)
-                .map(|e| e.value.as_str())
-        };
-        let number = |key: &str| -> Result<Option<u64>, ExternalDataError> {
-            get(key)
-                .map(|value| {
-                    value.parse().map_err(|_| ExternalDataError::BadNumber {
-                        tensor: self.name.clone(),
-                        key: key.to_owned(),
-                        value: value.to_owned(),
-                    })
-                })
-                .transpose()
-        };
-        let location = get("location").ok_or_else(|| ExternalDataError::NoLocation {
-            tensor: self.name.clone(),
-        })?;
-        Ok(Some(ExternalLocation {
-            location: location.to_owned(),
-            offset: number("offset")?.unwrap_or(0),
-            length: number("length")?,
-        }))
+        let entries = self
+            .external_data
+            .iter()
+            .map(|e| (e.key.as_str(), e.value.as_str()));
+        ExternalLocation::from_entries(&self.name, entries).map(Some)
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use super::layout::{ROPE_COS, ROPE_SIN, Role, SCALE_SUFFIX};
 use super::manifest::*;
 use super::*;
 
@@ -230,6 +231,146 @@ fn changed_content_of_the_same_size_fails_verification_only() {
     let err = bundle.verify_hashes().unwrap_err().to_string();
     assert!(
         err.contains("tokenizer.json") && err.contains("sha256"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_architecture_the_graph_cannot_compute_is_refused_by_field() {
+    let dir = write_bundle(|m| m.architecture.num_kv_heads = 3);
+    let err = open_err(&dir);
+    assert!(
+        err.contains("num_kv_heads = 3") && err.contains("divide"),
+        "{err}"
+    );
+    let dir = write_bundle(|m| m.architecture.head_dim = 3);
+    let err = open_err(&dir);
+    assert!(
+        err.contains("head_dim = 3") && err.contains("even"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_head_residual_outside_fp8_is_refused() {
+    let dir = write_bundle(|m| {
+        m.quantization.kind = QuantKind::F16;
+        m.quantization.head_residual = true;
+    });
+    assert!(open_err(&dir).contains("head_residual"));
+}
+
+#[test]
+fn external_data_must_agree_with_the_table() {
+    let dir = write_bundle(|_| {});
+    let bundle = Bundle::open(dir.path()).unwrap();
+    let k = layout::layer_tensor(0, "self_attn.k_proj");
+    let v = layout::layer_tensor(0, "self_attn.v_proj");
+    let fp8 = onnx::DataType::Float8e4m3fn as i32;
+    let external = |entry: &TensorEntry| {
+        [
+            ("location".to_owned(), WEIGHTS_FILE.to_owned()),
+            ("offset".to_owned(), entry.offset.to_string()),
+            ("length".to_owned(), entry.length.to_string()),
+        ]
+    };
+    fn pairs(kv: &[(String, String); 3]) -> Vec<(&str, &str)> {
+        kv.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+    }
+    let k_data = external(bundle.tensor(&k).unwrap());
+    let v_data = external(bundle.tensor(&v).unwrap());
+
+    let entry = bundle
+        .external_tensor(&k, fp8, &[4, 8], pairs(&k_data))
+        .unwrap();
+    assert_eq!(entry.name, k);
+
+    // k_proj's initializer pointing at v_proj's bytes (same shape, same length).
+    let err = bundle
+        .external_tensor(&k, fp8, &[4, 8], pairs(&v_data))
+        .unwrap_err();
+    assert!(
+        matches!(&err, onnx::ExternalDataError::Disagrees { tensor, what: "offset", .. } if *tensor == k),
+        "{err}"
+    );
+    let err = bundle
+        .external_tensor(&k, fp8, &[8, 4], pairs(&k_data))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&k) && err.contains("shape"), "{err}");
+    let err = bundle
+        .external_tensor(&k, onnx::DataType::Float as i32, &[4, 8], pairs(&k_data))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&k) && err.contains("data_type"), "{err}");
+    let err = bundle
+        .external_tensor("not.a.tensor", fp8, &[4, 8], pairs(&k_data))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("not.a.tensor") && err.contains("table"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_stored_tensors_of_a_residual_head_with_block_scales() {
+    let mut manifest_arch = None;
+    write_bundle(|m| manifest_arch = Some(m.architecture.clone()));
+    let arch = manifest_arch.unwrap();
+    let quant = Quantization {
+        kind: QuantKind::Fp8E4m3fn,
+        block_size: Some(4),
+        head_residual: true,
+    };
+    let stored = layout::stored_tensors(&arch, &quant).unwrap();
+    let names: Vec<(&str, Option<&str>)> = stored
+        .all()
+        .map(|(t, of)| (t.name.as_str(), of))
+        .filter(|(name, _)| name.starts_with("model.embed_tokens"))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("model.embed_tokens.weight", None),
+            (
+                "model.embed_tokens.weight_scale",
+                Some("model.embed_tokens.weight")
+            ),
+            ("model.embed_tokens.weight.residual", None),
+            (
+                "model.embed_tokens.weight.residual_scale",
+                Some("model.embed_tokens.weight.residual")
+            ),
+        ]
+    );
+    let scale = stored
+        .all()
+        .find(|(t, _)| t.name == "model.embed_tokens.weight.residual_scale")
+        .unwrap()
+        .0;
+    assert_eq!(
+        (scale.dtype, scale.shape.as_slice()),
+        (TensorDtype::F32, &[10, 2][..])
+    );
+
+    let err = layout::stored_tensors(
+        &arch,
+        &Quantization {
+            block_size: Some(3),
+            ..quant
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            layout::QuantizationError::BlockSize {
+                block: 3,
+                cols: 8,
+                ..
+            }
+        ),
         "{err}"
     );
 }

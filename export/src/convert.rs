@@ -1,20 +1,25 @@
 //! `marengo-export convert`: drives a checkpoint through the quantizer and the graph builder
 //! into a bundle writer, one tensor at a time.
+//!
+//! Three steps: a [`Plan`] of what is written (the exported architecture, and the tensors the
+//! bundle crate says a bundle of it stores, so that the daemon's check of the table is the
+//! same list), a loop that reads, encodes and writes one checkpoint tensor at a time, then
+//! the manifest.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use marengo_bundle::layout::{
-    HEAD_RESIDUAL_SUFFIX, ROPE_COS, ROPE_SIN, Role, SCALE_SUFFIX, expected_tensors, head_tensor,
+    QuantizationError, Role, Scaled, StoredTensor, StoredWeight, stored_tensors,
 };
 use marengo_bundle::manifest::{
-    FORMAT, FORMAT_VERSION, GRAPH_FILE, Manifest, Provenance, QuantKind, Quantization, SourceFile,
-    SpecialTokens, TOKENIZER_FILE, TensorDtype,
+    Architecture, FORMAT, FORMAT_VERSION, GRAPH_FILE, Manifest, Provenance, QuantKind,
+    Quantization, SourceFile, SpecialTokens, TOKENIZER_FILE,
 };
 use prost::Message;
 
-use crate::checkpoint::{CheckpointError, CheckpointSource};
+use crate::checkpoint::{CheckpointError, CheckpointSource, TokenizerFiles};
 use crate::graph;
 use crate::progress::Progress;
 use crate::quant::{self, Encoding, QuantError};
@@ -66,147 +71,243 @@ pub enum ConvertError {
     SlidingWindow { window: usize, context: usize },
     #[error("--context-length {requested}: must be between 1 and max_position_embeddings {max}")]
     ContextLength { requested: usize, max: usize },
+    #[error("tensor {tensor}: --block {block} does not divide its {cols} input features")]
+    Block {
+        tensor: String,
+        block: usize,
+        cols: usize,
+    },
+    #[error(transparent)]
+    Quantization(QuantizationError),
     #[error("--block applies to --dtype fp8 only")]
     BlockWithoutFp8,
     #[error("the checkpoint has no tokenizer.json")]
     NoTokenizer,
 }
 
-/// Converts `source` into a bundle at `opts.out`; returns the bundle's path.
+impl From<QuantizationError> for ConvertError {
+    fn from(e: QuantizationError) -> Self {
+        match e {
+            QuantizationError::BlockSize {
+                tensor,
+                block,
+                cols,
+            } => ConvertError::Block {
+                tensor,
+                block,
+                cols,
+            },
+            other => ConvertError::Quantization(other),
+        }
+    }
+}
+
+/// Converts `source` into a bundle at `opts.out`; returns the bundle's path: the plan, then
+/// one tensor at a time through the quantizer into the writer, then the graph, the tokenizer
+/// and the manifest.
 pub fn convert(
     source: &dyn CheckpointSource,
     opts: &ConvertOptions,
 ) -> Result<PathBuf, ConvertError> {
-    let config = source.config();
-    let mut arch = config.architecture.clone();
-    let max = config.max_position_embeddings;
-    let context = opts.context_length.unwrap_or(max.min(DEFAULT_CONTEXT));
-    if context == 0 || context > max {
-        return Err(ConvertError::ContextLength {
-            requested: context,
-            max,
-        });
-    }
-    if let Some(window) = config.sliding_window
-        && window < context
-    {
-        return Err(ConvertError::SlidingWindow { window, context });
-    }
-    arch.context_length = context;
-    let encoding = match (opts.kind, opts.block) {
-        (QuantKind::Fp8E4m3fn, block) => Encoding::Fp8 { block },
-        (_, Some(_)) => return Err(ConvertError::BlockWithoutFp8),
-        (QuantKind::F16, None) => Encoding::F16,
-        (QuantKind::F32, None) => Encoding::F32,
-    };
-    let stored = match opts.kind {
-        QuantKind::Fp8E4m3fn => TensorDtype::Fp8E4m3fn,
-        QuantKind::F16 => TensorDtype::F16,
-        QuantKind::F32 => TensorDtype::F32,
-    };
-    let head_residual = opts.head_residual && opts.kind == QuantKind::Fp8E4m3fn;
-    let tokenizer = source.tokenizer()?;
-    let tokenizer_json = tokenizer
-        .tokenizer_json
-        .clone()
-        .ok_or(ConvertError::NoTokenizer)?;
-
-    let expected: HashMap<String, _> = expected_tensors(&arch)
-        .into_iter()
-        .map(|t| (t.name.clone(), t))
-        .collect();
-    let names = source.tensor_names();
-    let present: HashSet<&str> = names.iter().map(String::as_str).collect();
-    if let Some(missing) = expected_tensors(&arch)
-        .into_iter()
-        .find(|t| !present.contains(t.name.as_str()))
-    {
-        return Err(CheckpointError::MissingTensor {
-            tensor: missing.name,
-            file: None,
-        }
-        .into());
-    }
-    for extra in names.iter().filter(|n| !expected.contains_key(*n)) {
-        tracing::warn!(tensor = %extra, "not part of the exported model; skipped");
-    }
-
+    let plan = Plan::new(source, opts)?;
     let mut writer = BundleWriter::create(&opts.out, opts.force)?;
     let progress = Progress::new(source.total_tensor_bytes(), "converting");
-    for name in names.iter().filter(|n| expected.contains_key(*n)) {
-        let want = &expected[name];
-        let tensor = source.tensor(name)?;
-        if tensor.shape != want.shape {
-            return Err(ConvertError::Shape {
-                tensor: name.clone(),
-                file: tensor.file.clone(),
-                expected: want.shape.clone(),
-                actual: tensor.shape.clone(),
-            });
-        }
-        if want.role == Role::Norm {
-            let data = quant::norm_to_f32(name, tensor.dtype, &tensor.bytes)?;
-            writer.add_tensor(name, TensorDtype::F32, &want.shape, &data, None, None)?;
-        } else {
-            let (rows, cols) = (want.shape[0], want.shape[1]);
-            let encoded = quant::encode(name, tensor.dtype, &tensor.bytes, rows, cols, encoding)?;
-            tracing::info!(tensor = %name, rel_rms_error = encoded.rel_rms_error, "encoded");
-            writer.add_tensor(
-                name,
-                stored,
-                &want.shape,
-                &encoded.data,
-                None,
-                Some(encoded.rel_rms_error),
-            )?;
-            add_scales(&mut writer, name, &want.shape, &encoded, opts.block)?;
-            if head_residual && name == head_tensor(&arch) {
-                let residual = quant::fp8_residual(
-                    name,
-                    tensor.dtype,
-                    &tensor.bytes,
-                    rows,
-                    cols,
-                    &encoded,
-                    opts.block,
-                )?;
-                let residual_name = format!("{name}{HEAD_RESIDUAL_SUFFIX}");
-                tracing::info!(
-                    tensor = %name,
-                    rel_rms_error = residual.rel_rms_error,
-                    "encoded with its residual"
-                );
-                writer.add_tensor(
-                    &residual_name,
-                    stored,
-                    &want.shape,
-                    &residual.data,
-                    None,
-                    Some(residual.rel_rms_error),
-                )?;
-                add_scales(
-                    &mut writer,
-                    &residual_name,
-                    &want.shape,
-                    &residual,
-                    opts.block,
-                )?;
-            }
-        }
-        progress.advance(tensor.bytes.len() as u64);
+    for weight in &plan.weights {
+        let read = write_weight(source, &plan, weight, &mut writer)?;
+        progress.advance(read);
     }
     progress.finish();
 
-    let (cos, sin) = graph::rope_caches(&arch);
-    let rope_shape = [arch.context_length, arch.head_dim / 2];
-    for (name, values) in [(ROPE_COS, cos), (ROPE_SIN, sin)] {
+    let (cos, sin) = graph::rope_caches(&plan.arch);
+    for (tensor, values) in plan.rope.iter().zip([cos, sin]) {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        writer.add_tensor(name, TensorDtype::F32, &rope_shape, &bytes, None, None)?;
+        writer.add_tensor(
+            &tensor.name,
+            tensor.dtype,
+            &tensor.shape,
+            &bytes,
+            None,
+            None,
+        )?;
     }
-    let model = graph::build(&arch, writer.tensors(), env!("CARGO_PKG_VERSION"))?;
+    let model = graph::build(&plan.arch, writer.tensors(), env!("CARGO_PKG_VERSION"))?;
     writer.add_file(GRAPH_FILE, &model.encode_to_vec())?;
-    writer.copy_file(TOKENIZER_FILE, &tokenizer_json)?;
+    writer.copy_file(TOKENIZER_FILE, &plan.tokenizer_json)?;
+    let manifest = manifest(source, opts, plan)?;
+    Ok(writer.finish(manifest)?)
+}
 
+/// What will be written, decided before anything is: the exported architecture and
+/// quantization, and the bundle crate's list of stored tensors in the checkpoint's order.
+struct Plan {
+    arch: Architecture,
+    quantization: Quantization,
+    encoding: Encoding,
+    /// The checkpoint's tensors the model uses, in the checkpoint's order (the bundle's order,
+    /// so that a bundle is as reproducible as its source).
+    weights: Vec<StoredWeight>,
+    rope: [StoredTensor; 2],
+    tokenizer: TokenizerFiles,
+    tokenizer_json: PathBuf,
+}
+
+impl Plan {
+    fn new(source: &dyn CheckpointSource, opts: &ConvertOptions) -> Result<Plan, ConvertError> {
+        let config = source.config();
+        let mut arch = config.architecture.clone();
+        let max = config.max_position_embeddings;
+        let context = opts.context_length.unwrap_or(max.min(DEFAULT_CONTEXT));
+        if context == 0 || context > max {
+            return Err(ConvertError::ContextLength {
+                requested: context,
+                max,
+            });
+        }
+        if let Some(window) = config.sliding_window
+            && window < context
+        {
+            return Err(ConvertError::SlidingWindow { window, context });
+        }
+        arch.context_length = context;
+        let encoding = match (opts.kind, opts.block) {
+            (QuantKind::Fp8E4m3fn, block) => Encoding::Fp8 { block },
+            (_, Some(_)) => return Err(ConvertError::BlockWithoutFp8),
+            (QuantKind::F16, None) => Encoding::F16,
+            (QuantKind::F32, None) => Encoding::F32,
+        };
+        let quantization = Quantization {
+            kind: opts.kind,
+            block_size: opts.block,
+            head_residual: opts.head_residual && opts.kind == QuantKind::Fp8E4m3fn,
+        };
+        let tokenizer = source.tokenizer()?;
+        let tokenizer_json = tokenizer
+            .tokenizer_json
+            .clone()
+            .ok_or(ConvertError::NoTokenizer)?;
+
+        let stored = stored_tensors(&arch, &quantization)?;
+        let names = source.tensor_names();
+        let present: HashSet<&str> = names.iter().map(String::as_str).collect();
+        if let Some(missing) = stored
+            .weights
+            .iter()
+            .find(|w| !present.contains(w.source.name.as_str()))
+        {
+            return Err(CheckpointError::MissingTensor {
+                tensor: missing.source.name.clone(),
+                file: None,
+            }
+            .into());
+        }
+        let mut by_name: HashMap<String, StoredWeight> = stored
+            .weights
+            .into_iter()
+            .map(|w| (w.source.name.clone(), w))
+            .collect();
+        let mut weights = Vec::with_capacity(by_name.len());
+        for name in &names {
+            match by_name.remove(name) {
+                Some(weight) => weights.push(weight),
+                None => tracing::warn!(tensor = %name, "not part of the exported model; skipped"),
+            }
+        }
+        Ok(Plan {
+            arch,
+            quantization,
+            encoding,
+            weights,
+            rope: stored.rope,
+            tokenizer,
+            tokenizer_json,
+        })
+    }
+}
+
+/// Reads one checkpoint tensor, encodes it as planned and writes it with its scales (and the
+/// head's residual); returns the bytes read, for the progress.
+fn write_weight(
+    source: &dyn CheckpointSource,
+    plan: &Plan,
+    weight: &StoredWeight,
+    writer: &mut BundleWriter,
+) -> Result<u64, ConvertError> {
+    let want = &weight.source;
+    let name = &want.name;
+    let tensor = source.tensor(name)?;
+    if tensor.shape != want.shape {
+        return Err(ConvertError::Shape {
+            tensor: name.clone(),
+            file: tensor.file.clone(),
+            expected: want.shape.clone(),
+            actual: tensor.shape.clone(),
+        });
+    }
+    let stored = &weight.stored.tensor;
+    if want.role == Role::Norm {
+        let data = quant::norm_to_f32(name, tensor.dtype, &tensor.bytes)?;
+        writer.add_tensor(name, stored.dtype, &stored.shape, &data, None, None)?;
+        return Ok(tensor.bytes.len() as u64);
+    }
+    let (rows, cols) = (want.shape[0], want.shape[1]);
+    let encoded = quant::encode(name, tensor.dtype, &tensor.bytes, rows, cols, plan.encoding)?;
+    tracing::info!(tensor = %name, rel_rms_error = encoded.rel_rms_error, "encoded");
+    add_scaled(writer, &weight.stored, &encoded)?;
+    if let Some(residual) = &weight.residual {
+        let encoded_residual = quant::fp8_residual(
+            name,
+            tensor.dtype,
+            &tensor.bytes,
+            rows,
+            cols,
+            &encoded,
+            plan.quantization.block_size,
+        )?;
+        tracing::info!(
+            tensor = %name,
+            rel_rms_error = encoded_residual.rel_rms_error,
+            "encoded with its residual"
+        );
+        add_scaled(writer, residual, &encoded_residual)?;
+    }
+    Ok(tensor.bytes.len() as u64)
+}
+
+/// Writes an encoded tensor and, for FP8, its scales next to it.
+fn add_scaled(
+    writer: &mut BundleWriter,
+    planned: &Scaled,
+    encoded: &quant::Encoded,
+) -> Result<(), WriteError> {
+    let tensor = &planned.tensor;
+    writer.add_tensor(
+        &tensor.name,
+        tensor.dtype,
+        &tensor.shape,
+        &encoded.data,
+        None,
+        Some(encoded.rel_rms_error),
+    )?;
+    if let (Some(scale), Some(scales)) = (&planned.scale, &encoded.scales) {
+        let bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+        writer.add_tensor(
+            &scale.name,
+            scale.dtype,
+            &scale.shape,
+            &bytes,
+            Some(&tensor.name),
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+/// The manifest of the written bundle (the writer fills in files and tensors).
+fn manifest(
+    source: &dyn CheckpointSource,
+    opts: &ConvertOptions,
+    plan: Plan,
+) -> Result<Manifest, ConvertError> {
     let sources = source
         .digests()?
         .into_iter()
@@ -216,15 +317,12 @@ pub fn convert(
             sha256: d.sha256,
         })
         .collect();
-    let manifest = Manifest {
+    let tokenizer = plan.tokenizer;
+    Ok(Manifest {
         format: FORMAT.into(),
         format_version: FORMAT_VERSION,
-        architecture: arch,
-        quantization: Quantization {
-            kind: opts.kind,
-            block_size: opts.block,
-            head_residual,
-        },
+        architecture: plan.arch,
+        quantization: plan.quantization,
         chat_template: tokenizer.chat_template,
         special_tokens: SpecialTokens {
             bos: tokenizer.bos,
@@ -240,38 +338,7 @@ pub fn convert(
             command_line: opts.command_line.clone(),
             created: created_at(),
         },
-    };
-    Ok(writer.finish(manifest)?)
-}
-
-/// Writes an FP8 tensor's scales, `[rows]` or `[rows, cols / block]`, next to it.
-fn add_scales(
-    writer: &mut BundleWriter,
-    name: &str,
-    shape: &[usize],
-    encoded: &quant::Encoded,
-    block: Option<usize>,
-) -> Result<(), WriteError> {
-    let Some(scales) = &encoded.scales else {
-        return Ok(());
-    };
-    let (rows, cols) = (shape[0], shape[1]);
-    let scale_shape = match block {
-        None => vec![rows],
-        Some(block) => vec![rows, cols / block],
-    };
-    let bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
-    let scale_name = format!("{name}{SCALE_SUFFIX}");
-    writer
-        .add_tensor(
-            &scale_name,
-            TensorDtype::F32,
-            &scale_shape,
-            &bytes,
-            Some(name),
-            None,
-        )
-        .map(|_| ())
+    })
 }
 
 /// `SOURCE_DATE_EPOCH` when set (reproducible builds), else now.

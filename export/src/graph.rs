@@ -1,6 +1,7 @@
 //! The ONNX graph of a bundle, exactly as `ARCHITECTURE.md` ("The graph") specifies it: opset 23
 //! `RMSNormalization`, `RotaryEmbedding` and `Attention` with explicit past/present KV, every
-//! weight an external initializer in `model.weights`.
+//! weight an external initializer in `model.weights`. The names and weight patterns the engine
+//! relies on are the bundle crate's ([`marengo_bundle::graph`]); this module only writes them.
 //!
 //! Weights stay `[out, in]` as HuggingFace stores them and are used through
 //! `Transpose(perm=[1,0])` → `MatMul`, so that one output channel's bytes are contiguous for the
@@ -8,6 +9,11 @@
 
 use std::collections::HashMap;
 
+use marengo_bundle::graph::{
+    ADD, AXIS, BATCH, BLOCK_SIZE, DEQUANTIZE_LINEAR, GATHER, INPUT_IDS, IR_VERSION, Kv, LOGITS,
+    MATMUL, OPSET, PAST_SEQUENCE, PERM, POSITION_IDS, SEQUENCE, TOTAL_SEQUENCE, TRANSPOSE,
+    TRANSPOSE_PERM, past_name, present_name,
+};
 use marengo_bundle::layout::{
     EMBEDDING, FINAL_NORM, HEAD_RESIDUAL_SUFFIX, ROPE_COS, ROPE_SIN, SCALE_SUFFIX, head_tensor,
     layer_tensor,
@@ -17,31 +23,6 @@ use marengo_bundle::onnx::{
     AttributeProto, DataType, Dim, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
     TensorProto, ValueInfoProto,
 };
-
-/// ONNX IR version written (IR 10 is the first with opset 23's types).
-pub const IR_VERSION: i64 = 10;
-/// The default-domain opset the graph uses.
-pub const OPSET: i64 = 23;
-
-/// Graph input and output names; the engine binds these.
-pub const INPUT_IDS: &str = "input_ids";
-pub const POSITION_IDS: &str = "position_ids";
-pub const LOGITS: &str = "logits";
-/// Symbolic dimension names.
-pub const BATCH: &str = "batch";
-pub const SEQUENCE: &str = "sequence_length";
-pub const PAST_SEQUENCE: &str = "past_sequence_length";
-pub const TOTAL_SEQUENCE: &str = "total_sequence_length";
-
-/// `past_key_values.{layer}.key` or `.value`.
-pub fn past_name(layer: usize, kind: &str) -> String {
-    format!("past_key_values.{layer}.{kind}")
-}
-
-/// `present.{layer}.key` or `.value`.
-pub fn present_name(layer: usize, kind: &str) -> String {
-    format!("present.{layer}.{kind}")
-}
 
 /// Why a graph cannot be built over the written tensors (a bug in the exporter if it happens).
 #[derive(Debug, thiserror::Error)]
@@ -82,8 +63,8 @@ pub fn build(
         };
         let q = rope(&mut g, &q, arch.num_heads, "q");
         let k = rope(&mut g, &k, arch.num_kv_heads, "k");
-        let (past_k, past_v) = (past_name(layer, "key"), past_name(layer, "value"));
-        let (present_k, present_v) = (present_name(layer, "key"), present_name(layer, "value"));
+        let (past_k, past_v) = (past_name(layer, Kv::Key), past_name(layer, Kv::Value));
+        let (present_k, present_v) = (present_name(layer, Kv::Key), present_name(layer, Kv::Value));
         let attn_out = format!("{p}.attention");
         g.nodes.push(NodeProto {
             name: attn_out.clone(),
@@ -100,7 +81,7 @@ pub fn build(
             ..Default::default()
         });
         let o = g.linear(&attn_out, &layer_tensor(layer, "self_attn.o_proj"))?;
-        hidden = g.node("Add", &format!("{p}.attn_residual"), &[&hidden, &o], vec![]);
+        hidden = g.node(ADD, &format!("{p}.attn_residual"), &[&hidden, &o], vec![]);
 
         let gain = g.tensor(&layer_tensor(layer, "post_attention_layernorm"))?;
         let normed = g.rms_norm(&format!("{p}.post_attention_norm"), &hidden, &gain, eps);
@@ -110,18 +91,13 @@ pub fn build(
         let silu = g.node("Mul", &format!("{p}.mlp.silu"), &[&gate, &sigmoid], vec![]);
         let gated = g.node("Mul", &format!("{p}.mlp.gated"), &[&silu, &up], vec![]);
         let down = g.linear(&gated, &layer_tensor(layer, "mlp.down_proj"))?;
-        hidden = g.node(
-            "Add",
-            &format!("{p}.mlp_residual"),
-            &[&hidden, &down],
-            vec![],
-        );
+        hidden = g.node(ADD, &format!("{p}.mlp_residual"), &[&hidden, &down], vec![]);
     }
     let gain = g.tensor(FINAL_NORM)?;
     let normed = g.rms_norm("final_norm", &hidden, &gain, eps);
     let logits = g.linear(&normed, head_tensor(arch))?;
     g.nodes.push(NodeProto {
-        name: "logits".into(),
+        name: LOGITS.into(),
         op_type: "Identity".into(),
         input: vec![logits],
         output: vec![LOGITS.into()],
@@ -148,14 +124,14 @@ pub fn build(
         &[batch(), seq(), Dim::Fixed(arch.vocab_size as i64)],
     )];
     for layer in 0..arch.num_layers {
-        for kind in ["key", "value"] {
+        for kv in Kv::BOTH {
             input.push(ValueInfoProto::tensor(
-                &past_name(layer, kind),
+                &past_name(layer, kv),
                 DataType::Float,
                 &kv_dims(PAST_SEQUENCE),
             ));
             output.push(ValueInfoProto::tensor(
-                &present_name(layer, kind),
+                &present_name(layer, kv),
                 DataType::Float,
                 &kv_dims(TOTAL_SEQUENCE),
             ));
@@ -164,13 +140,15 @@ pub fn build(
     let initializer = tensors
         .iter()
         .map(|t| {
-            let data_type = match t.dtype {
-                TensorDtype::Fp8E4m3fn => DataType::Float8e4m3fn,
-                TensorDtype::F16 => DataType::Float16,
-                TensorDtype::F32 => DataType::Float,
-            };
             let dims: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-            TensorProto::external(&t.name, data_type, &dims, WEIGHTS_FILE, t.offset, t.length)
+            TensorProto::external(
+                &t.name,
+                t.dtype.into(),
+                &dims,
+                WEIGHTS_FILE,
+                t.offset,
+                t.length,
+            )
         })
         .collect();
 
@@ -260,13 +238,13 @@ impl Builder<'_> {
                     .ok_or_else(|| MissingTensor(scale_name.clone()))?;
                 let attribute = match scale.shape.as_slice() {
                     [_, groups] => vec![
-                        AttributeProto::int("axis", 1),
-                        AttributeProto::int("block_size", (entry.shape[1] / groups) as i64),
+                        AttributeProto::int(AXIS, 1),
+                        AttributeProto::int(BLOCK_SIZE, (entry.shape[1] / groups) as i64),
                     ],
-                    _ => vec![AttributeProto::int("axis", 0)],
+                    _ => vec![AttributeProto::int(AXIS, 0)],
                 };
                 self.node(
-                    "DequantizeLinear",
+                    DEQUANTIZE_LINEAR,
                     &format!("{name}.dequantized"),
                     &[name, &scale_name],
                     attribute,
@@ -300,16 +278,16 @@ impl Builder<'_> {
             return Ok(rows);
         };
         let rest = self.gather_one(&residual, &format!("{node}.residual"))?;
-        Ok(self.node("Add", &format!("{node}.sum"), &[&rows, &rest], vec![]))
+        Ok(self.node(ADD, &format!("{node}.sum"), &[&rows, &rest], vec![]))
     }
 
     fn gather_one(&mut self, name: &str, node: &str) -> Result<String, MissingTensor> {
         let table = self.weight(name)?;
         Ok(self.node(
-            "Gather",
+            GATHER,
             node,
             &[&table, INPUT_IDS],
-            vec![AttributeProto::int("axis", 0)],
+            vec![AttributeProto::int(AXIS, 0)],
         ))
     }
 
@@ -323,7 +301,7 @@ impl Builder<'_> {
         let rest = self.linear_one(x, &residual)?;
         let module = name.strip_suffix(".weight").unwrap_or(name);
         Ok(self.node(
-            "Add",
+            ADD,
             &format!("{module}.output_sum"),
             &[&product, &rest],
             vec![],
@@ -333,14 +311,14 @@ impl Builder<'_> {
     fn linear_one(&mut self, x: &str, name: &str) -> Result<String, MissingTensor> {
         let w = self.weight(name)?;
         let transposed = self.node(
-            "Transpose",
+            TRANSPOSE,
             &format!("{name}.transposed"),
             &[&w],
-            vec![AttributeProto::ints("perm", &[1, 0])],
+            vec![AttributeProto::ints(PERM, &TRANSPOSE_PERM)],
         );
         let module = name.strip_suffix(".weight").unwrap_or(name);
         Ok(self.node(
-            "MatMul",
+            MATMUL,
             &format!("{module}.output"),
             &[x, &transposed],
             vec![],

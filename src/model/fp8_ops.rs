@@ -13,6 +13,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use marengo_bundle::manifest::WEIGHTS_FILE;
 use memmap2::Mmap;
 use tract_onnx::tract_hir::internal::*;
 
@@ -84,7 +85,7 @@ impl MappedFp8 {
         );
         ensure!(
             codes.end <= map.len() && scales.end <= map.len(),
-            "{name}: tensor data beyond the end of model.weights"
+            "{name}: tensor data beyond the end of {WEIGHTS_FILE}"
         );
         ensure!(
             scales.start.is_multiple_of(4),

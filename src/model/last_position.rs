@@ -11,12 +11,11 @@
 //! head's product (`MatMul` or marengo's FP8 linear) or the `Add` of the two products of a
 //! head with a residual. A graph of any other shape is left as it is; it runs, only slower.
 
+use marengo_bundle::graph::{ADD, LOGITS, MATMUL};
 use tract_onnx::pb::{self, GraphProto, NodeProto, TensorProto};
 
 use super::rewrite::FP8_LINEAR;
 
-/// The graph output the pass shortens.
-const LOGITS: &str = "logits";
 /// The head's input cut to the last position.
 const LAST_HIDDEN: &str = "marengo.last_position.hidden";
 const STARTS: &str = "marengo.last_position.starts";
@@ -61,14 +60,14 @@ fn head_products(graph: &GraphProto) -> Option<Vec<usize>> {
     };
     let logits = producer(LOGITS)?;
     let heads = match graph.node[logits].op_type.as_str() {
-        "Add" => graph.node[logits]
+        ADD => graph.node[logits]
             .input
             .iter()
             .map(|input| producer(input))
             .collect::<Option<Vec<_>>>()?,
         _ => vec![logits],
     };
-    let is_product = |n: &NodeProto| n.op_type == "MatMul" || n.op_type == FP8_LINEAR;
+    let is_product = |n: &NodeProto| n.op_type == MATMUL || n.op_type == FP8_LINEAR;
     let hidden = graph.node[heads[0]].input.first()?;
     heads
         .iter()
@@ -86,7 +85,8 @@ fn int64_vector(name: &str, value: i64) -> TensorProto {
     }
 }
 
-/// The declared shape of `logits` says `sequence_length`; it is now 1.
+/// The declared shape of `logits` says [`SEQUENCE`](marengo_bundle::graph::SEQUENCE); it is
+/// now 1.
 fn set_sequence_length_to_one(graph: &mut GraphProto) {
     use pb::tensor_shape_proto::dimension::Value;
     let declared = graph
@@ -106,6 +106,7 @@ fn set_sequence_length_to_one(graph: &mut GraphProto) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use marengo_bundle::graph::{BATCH, SEQUENCE};
     use pb::tensor_shape_proto::{Dimension, dimension::Value};
 
     fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
@@ -132,8 +133,8 @@ mod tests {
                         elem_type: pb::tensor_proto::DataType::Float as i32,
                         shape: Some(pb::TensorShapeProto {
                             dim: vec![
-                                dim(Value::DimParam("batch".into())),
-                                dim(Value::DimParam("sequence_length".into())),
+                                dim(Value::DimParam(BATCH.into())),
+                                dim(Value::DimParam(SEQUENCE.into())),
                                 dim(Value::DimValue(32)),
                             ],
                         }),
@@ -177,7 +178,7 @@ mod tests {
     fn an_f32_head_reads_the_last_position() {
         let mut g = graph(vec![
             node("Transpose", &["W"], "WT"),
-            node("MatMul", &["hidden", "WT"], LOGITS),
+            node(MATMUL, &["hidden", "WT"], LOGITS),
         ]);
         assert!(keep_last_position(&mut g));
         assert_eq!(g.node[1].op_type, "Slice");

@@ -1,7 +1,9 @@
 //! From a bundle to a runnable tract plan.
 //!
-//! The loader decodes `model.onnx`, rewrites its FP8 patterns into marengo ops over the
-//! mapped `model.weights` ([`rewrite`], [`fp8_ops`]), cuts the LM head to the last position
+//! The loader starts from a [`Bundle`] that `Bundle::open` checked, decodes its graph,
+//! rewrites the FP8 patterns into marengo ops over the mapped `model.weights`, bound from the
+//! checked tensor table ([`rewrite`], [`fp8_ops`]), checks that every other initializer tract
+//! will read agrees with the table too, cuts the LM head to the last position
 //! ([`last_position`]), lets tract-onnx parse the rest, and
 //! applies tract-transformers' rewrites, which turn the graph's past→Concat→present KV
 //! inputs and outputs into cache state held inside the plan's state: a decode step then
@@ -12,10 +14,9 @@ pub mod fp8_ops;
 pub mod last_position;
 pub mod rewrite;
 
-use std::path::Path;
-use std::sync::Arc;
-
-use memmap2::Mmap;
+use marengo_bundle::Bundle;
+use marengo_bundle::manifest::GRAPH_FILE;
+use marengo_bundle::onnx::ExternalDataError;
 use prost::Message;
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb;
@@ -38,9 +39,11 @@ pub enum ModelError {
         path: String,
         source: prost::DecodeError,
     },
-    #[error("model.onnx: {0}")]
+    #[error("{GRAPH_FILE}: {0}")]
     Rewrite(#[from] rewrite::RewriteError),
-    #[error("model.onnx: {0:#}")]
+    #[error("{GRAPH_FILE}: {0}")]
+    ExternalData(#[from] ExternalDataError),
+    #[error("{GRAPH_FILE}: {0:#}")]
     Tract(TractError),
 }
 
@@ -62,10 +65,10 @@ pub struct Model {
 pub type ModelState = TypedSimpleState;
 
 impl Model {
-    /// Loads `model.onnx` from `dir`, reading FP8 weights from `weights` (the mapping of
-    /// the same directory's `model.weights`), with KV caches for `context` positions.
-    pub fn load(dir: &Path, weights: Arc<Mmap>, context: usize) -> Result<Model, ModelError> {
-        let onnx_path = dir.join("model.onnx");
+    /// Loads the bundle's graph, reading FP8 weights in place from its mapped
+    /// `model.weights`, with KV caches for its whole context.
+    pub fn load(bundle: &Bundle) -> Result<Model, ModelError> {
+        let onnx_path = bundle.graph_path();
         let bytes = std::fs::read(&onnx_path).map_err(|source| ModelError::Io {
             path: onnx_path.display().to_string(),
             source,
@@ -75,8 +78,14 @@ impl Model {
                 path: onnx_path.display().to_string(),
                 source,
             })?;
-        let bindings = rewrite::rewrite_fp8(&mut proto)?;
+        let bindings = rewrite::rewrite_fp8(&mut proto, bundle)?;
         let graph = proto.graph.as_mut().ok_or(rewrite::RewriteError::NoGraph)?;
+        let external = Some(pb::tensor_proto::DataLocation::External as i32);
+        for initializer in &graph.initializer {
+            if initializer.data_location == external || !initializer.external_data.is_empty() {
+                rewrite::external_tensor(bundle, initializer)?;
+            }
+        }
         if !last_position::keep_last_position(graph) {
             tracing::warn!(
                 "no LM head found before `logits`: every position's logits are computed"
@@ -88,7 +97,7 @@ impl Model {
             .insert(rewrite::FP8_LINEAR, fp8_linear_node);
         onnx.op_register
             .insert(rewrite::FP8_GATHER, fp8_gather_node);
-        let dir_str = dir.to_str().context("bundle path is not UTF-8")?;
+        let dir_str = bundle.dir().to_str().context("bundle path is not UTF-8")?;
         let parsed = onnx.parse(&proto, Some(dir_str))?;
         if !parsed.unresolved_inputs.is_empty() {
             return Err(format_err!("unresolved inputs {:?}", parsed.unresolved_inputs).into());
@@ -108,7 +117,7 @@ impl Model {
                 .with_context(|| format!("no FP8 binding for `{}`", fp8.weight_name))?;
             fp8.weight = Some(MappedFp8::new(
                 &fp8.weight_name,
-                weights.clone(),
+                bundle.weights().clone(),
                 binding.codes.clone(),
                 binding.scales.clone(),
                 binding.rows,
@@ -123,6 +132,7 @@ impl Model {
             .context("tract-transformers is not linked")?;
         typed.transform(&*detect)?;
         let mut typed = typed.into_optimized()?;
+        let context = bundle.manifest().architecture.context_length;
         attention::use_decode_attention(&mut typed, context)?;
         let plan = TypedSimplePlan::new(typed)?;
         Ok(Model {

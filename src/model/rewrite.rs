@@ -9,13 +9,24 @@
 //!
 //! and this pass replaces each by one node of marengo's domain (`Fp8Linear(x)`,
 //! `Fp8Gather(ids)`) naming the weight, and drops the FP8 initializers and their scales
-//! from the graph. The byte ranges of those tensors in `model.weights` are returned, so
+//! from the graph. The patterns are the bundle crate's ([`marengo_bundle::graph`]), which the
+//! exporter writes from. The byte ranges of those tensors in `model.weights` are returned, so
 //! that the loader can attach the mapped bytes to the ops after parsing. A tied embedding
 //! feeds both patterns from one initializer.
+//!
+//! The ranges come from the tensor table that [`Bundle::open`] checked, not from the graph:
+//! an initializer whose `external_data` says otherwise is refused
+//! ([`Bundle::external_tensor`]), so the kernels never read bytes the table does not vouch for.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
+use marengo_bundle::Bundle;
+use marengo_bundle::graph::{
+    AXIS, BLOCK_SIZE, DEQUANTIZE_LINEAR, GATHER, MATMUL, PERM, TRANSPOSE, TRANSPOSE_PERM,
+};
+use marengo_bundle::manifest::{GRAPH_FILE, TensorEntry, WEIGHTS_FILE};
+use marengo_bundle::onnx::ExternalDataError;
 use tract_onnx::pb::{self, AttributeProto, GraphProto, NodeProto, TensorProto};
 
 /// The ONNX domain of marengo's own ops in the rewritten (in-memory only) graph.
@@ -23,12 +34,14 @@ pub const DOMAIN: &str = "ai.marengo";
 pub const FP8_LINEAR: &str = "MarengoFp8Linear";
 pub const FP8_GATHER: &str = "MarengoFp8Gather";
 
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, thiserror::Error)]
 pub enum RewriteError {
-    #[error("model.onnx has no graph")]
+    #[error("{GRAPH_FILE} has no graph")]
     NoGraph,
     #[error("FP8 tensor `{tensor}`: {problem}")]
     Tensor { tensor: String, problem: String },
+    #[error(transparent)]
+    ExternalData(#[from] ExternalDataError),
     #[error(
         "FP8 tensor `{tensor}` is used by node `{node}` ({op}), which marengo cannot run from FP8"
     )]
@@ -55,8 +68,11 @@ pub type Fp8Bindings = HashMap<String, Fp8Binding>;
 const FLOAT8E4M3FN: i32 = pb::tensor_proto::DataType::Float8e4m3fn as i32;
 const FLOAT: i32 = pb::tensor_proto::DataType::Float as i32;
 
-/// Rewrites every FP8 pattern of the model's main graph in place.
-pub fn rewrite_fp8(model: &mut pb::ModelProto) -> Result<Fp8Bindings, RewriteError> {
+/// Rewrites every FP8 pattern of the model's main graph in place; the weights are `bundle`'s.
+pub fn rewrite_fp8(
+    model: &mut pb::ModelProto,
+    bundle: &Bundle,
+) -> Result<Fp8Bindings, RewriteError> {
     let graph = model.graph.as_mut().ok_or(RewriteError::NoGraph)?;
     let initializers: HashMap<String, TensorProto> = graph
         .initializer
@@ -74,23 +90,23 @@ pub fn rewrite_fp8(model: &mut pb::ModelProto) -> Result<Fp8Bindings, RewriteErr
     let mut replacements: HashMap<usize, NodeProto> = HashMap::new();
 
     for (dq_ix, dq) in graph.node.iter().enumerate() {
-        if dq.op_type != "DequantizeLinear" {
+        if dq.op_type != DEQUANTIZE_LINEAR {
             continue;
         }
         let Some(weight) = dq.input.first().and_then(|w| initializers.get(w)) else {
             continue;
         };
-        let binding = binding_for(graph, dq, weight)?;
+        let binding = binding_for(bundle, graph, dq, weight)?;
         dropped_nodes.insert(dq_ix);
         dropped_initializers.insert(weight.name.clone());
         dropped_initializers.insert(dq.input[1].clone());
         let dq_out = &dq.output[0];
         for (use_ix, user) in consumers(graph, dq_out) {
             match user.op_type.as_str() {
-                "Transpose" if transposes_2d(user) => {
+                TRANSPOSE if transposes_2d(user) => {
                     dropped_nodes.insert(use_ix);
                     for (mm_ix, mm) in consumers(graph, &user.output[0]) {
-                        if mm.op_type != "MatMul" || mm.input.get(1) != Some(&user.output[0]) {
+                        if mm.op_type != MATMUL || mm.input.get(1) != Some(&user.output[0]) {
                             return Err(unsupported(&weight.name, mm));
                         }
                         let node =
@@ -98,7 +114,7 @@ pub fn rewrite_fp8(model: &mut pb::ModelProto) -> Result<Fp8Bindings, RewriteErr
                         replacements.insert(mm_ix, node);
                     }
                 }
-                "Gather" if gathers_rows(user, dq_out) => {
+                GATHER if gathers_rows(user, dq_out) => {
                     let node =
                         marengo_node(FP8_GATHER, user, &user.input[1], &weight.name, &binding);
                     replacements.insert(use_ix, node);
@@ -156,16 +172,17 @@ fn attr<'n>(node: &'n NodeProto, name: &str) -> Option<&'n AttributeProto> {
 }
 
 fn transposes_2d(node: &NodeProto) -> bool {
-    attr(node, "perm").is_none_or(|a| a.ints == [1, 0])
+    attr(node, PERM).is_none_or(|a| a.ints == TRANSPOSE_PERM)
 }
 
 fn gathers_rows(node: &NodeProto, table: &str) -> bool {
-    node.input.first().is_some_and(|t| t == table) && attr(node, "axis").is_none_or(|a| a.i == 0)
+    node.input.first().is_some_and(|t| t == table) && attr(node, AXIS).is_none_or(|a| a.i == 0)
 }
 
-/// Reads the weight's and the scale's placement and checks the DequantizeLinear node's
-/// attributes describe a per-row or a blocked-along-columns scale.
+/// Reads the weight's and the scale's placement from the tensor table and checks the
+/// DequantizeLinear node's attributes describe a per-row or a blocked-along-columns scale.
 fn binding_for(
+    bundle: &Bundle,
     graph: &GraphProto,
     dq: &NodeProto,
     weight: &TensorProto,
@@ -177,13 +194,13 @@ fn binding_for(
     if dq.input.len() > 2 && !dq.input[2].is_empty() {
         return Err(problem("a zero point is not supported".into()));
     }
-    let [rows, cols] = weight.dims[..] else {
+    let entry = stored(bundle, weight)?;
+    let [rows, cols] = entry.shape[..] else {
         return Err(problem(format!(
             "rank {} (expected a matrix)",
-            weight.dims.len()
+            entry.shape.len()
         )));
     };
-    let (rows, cols) = (dim(rows).map_err(&problem)?, dim(cols).map_err(&problem)?);
     let scale_name = dq
         .input
         .get(1)
@@ -196,70 +213,60 @@ fn binding_for(
     if scale.data_type != FLOAT {
         return Err(problem(format!("scale `{scale_name}` is not f32")));
     }
-    let axis = attr(dq, "axis").map(|a| a.i).unwrap_or(1);
-    let block = attr(dq, "block_size").map(|a| a.i).filter(|&b| b != 0);
-    let block = match (axis, block, &scale.dims[..]) {
-        (0, None, [n]) if *n as usize == rows => None,
-        (1, Some(b), [n, nb]) if *n as usize == rows && b > 0 && (*nb * b) as usize == cols => {
+    let scale_entry = stored(bundle, scale)?;
+    let axis = attr(dq, AXIS).map(|a| a.i).unwrap_or(1);
+    let block = attr(dq, BLOCK_SIZE).map(|a| a.i).filter(|&b| b != 0);
+    let block = match (axis, block, &scale_entry.shape[..]) {
+        (0, None, [n]) if *n == rows => None,
+        (1, Some(b), [n, nb])
+            if *n == rows && b > 0 && (*nb as i64).checked_mul(b) == Some(cols as i64) =>
+        {
             Some(b as usize)
         }
         _ => {
             return Err(problem(format!(
                 "scale `{scale_name}` of shape {:?} with axis {axis} and block size {block:?} \
                  is neither per row nor blocked along columns",
-                scale.dims
+                scale_entry.shape
             )));
         }
     };
-    let codes = external_range(weight).map_err(&problem)?;
-    if codes.len() != rows * cols {
-        return Err(problem(format!(
-            "{} bytes for [{rows}, {cols}]",
-            codes.len()
-        )));
-    }
-    let scales = external_range(scale).map_err(&problem)?;
+    let range = |name: &str| {
+        bundle
+            .tensor_range(name)
+            .ok_or_else(|| problem(format!("`{name}` lies outside the mapped weights")))
+    };
     Ok(Fp8Binding {
-        codes,
-        scales,
+        codes: range(&weight.name)?,
+        scales: range(scale_name)?,
         rows,
         cols,
         block,
     })
 }
 
-fn dim(d: i64) -> Result<usize, String> {
-    usize::try_from(d)
-        .ok()
-        .filter(|&d| d > 0)
-        .ok_or_else(|| format!("dimension {d}"))
+/// The table entry of an initializer that must live in `model.weights`, once the graph's
+/// `external_data` agrees with it.
+fn stored<'b>(bundle: &'b Bundle, t: &TensorProto) -> Result<&'b TensorEntry, RewriteError> {
+    if t.data_location != Some(pb::tensor_proto::DataLocation::External as i32) {
+        return Err(RewriteError::Tensor {
+            tensor: t.name.clone(),
+            problem: format!("is not stored in {WEIGHTS_FILE}"),
+        });
+    }
+    Ok(external_tensor(bundle, t)?)
 }
 
-/// The byte range of an initializer stored in `model.weights`.
-fn external_range(t: &TensorProto) -> Result<Range<usize>, String> {
-    let entry = |key: &str| {
-        t.external_data
-            .iter()
-            .find(|e| e.key == key)
-            .map(|e| e.value.as_str())
-    };
-    match entry("location") {
-        Some("model.weights") => {}
-        Some(other) => return Err(format!("external data in `{other}`, not model.weights")),
-        None => return Err(format!("`{}` is not stored in model.weights", t.name)),
-    }
-    let number = |key: &str| -> Result<usize, String> {
-        entry(key)
-            .ok_or_else(|| format!("`{}` has no external data {key}", t.name))?
-            .parse()
-            .map_err(|e| format!("`{}` external data {key}: {e}", t.name))
-    };
-    let offset = number("offset")?;
-    let length = number("length")?;
-    let end = offset
-        .checked_add(length)
-        .ok_or_else(|| format!("`{}`: offset overflows", t.name))?;
-    Ok(offset..end)
+/// [`Bundle::external_tensor`] for a tract-onnx initializer.
+pub fn external_tensor<'b>(
+    bundle: &'b Bundle,
+    t: &TensorProto,
+) -> Result<&'b TensorEntry, ExternalDataError> {
+    let entries = t
+        .external_data
+        .iter()
+        .map(|e| (e.key.as_str(), e.value.as_str()));
+    bundle.external_tensor(&t.name, t.data_type, &t.dims, entries)
 }
 
 fn marengo_node(

@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use marengo_bundle::architecture::{ArchitectureError, ArchitectureField, ArchitectureRule};
 use marengo_bundle::manifest::Architecture;
 use serde::Deserialize;
 use serde_json::Value;
@@ -39,6 +40,44 @@ pub enum ConfigError {
         value: String,
         why: &'static str,
     },
+    /// A shape the bundle cannot hold ([`Architecture::validate`]), named by the source's key.
+    #[error("{path}: key `{key}` = {value} is not supported: {rule}")]
+    Architecture {
+        path: PathBuf,
+        key: &'static str,
+        value: usize,
+        rule: ArchitectureRule,
+    },
+}
+
+impl ConfigError {
+    /// `error` told with the key `key_of` gives the field in the file at `path`.
+    pub fn architecture(
+        path: &Path,
+        key_of: fn(ArchitectureField) -> &'static str,
+        error: ArchitectureError,
+    ) -> Self {
+        ConfigError::Architecture {
+            path: path.to_owned(),
+            key: key_of(error.field),
+            value: error.value,
+            rule: error.rule,
+        }
+    }
+}
+
+/// The `config.json` key of an architecture field.
+fn config_key(field: ArchitectureField) -> &'static str {
+    match field {
+        ArchitectureField::HiddenSize => "hidden_size",
+        ArchitectureField::NumLayers => "num_hidden_layers",
+        ArchitectureField::NumHeads => "num_attention_heads",
+        ArchitectureField::NumKvHeads => "num_key_value_heads",
+        ArchitectureField::HeadDim => "head_dim",
+        ArchitectureField::IntermediateSize => "intermediate_size",
+        ArchitectureField::VocabSize => "vocab_size",
+        ArchitectureField::ContextLength => "max_position_embeddings",
+    }
 }
 
 /// The part of `config.json` the exporter reads. Unknown keys are ignored on purpose: configs
@@ -167,44 +206,21 @@ impl ModelConfig {
             .max_position_embeddings
             .ok_or_else(|| missing("max_position_embeddings"))?;
 
-        for (key, value) in [
-            ("hidden_size", hidden_size),
-            ("num_hidden_layers", num_layers),
-            ("num_attention_heads", num_heads),
-            ("num_key_value_heads", num_kv_heads),
-            ("intermediate_size", intermediate_size),
-            ("vocab_size", vocab_size),
-            ("max_position_embeddings", max_position_embeddings),
-        ] {
-            if value == 0 {
-                return Err(unsupported(key, "0".into(), "must be positive"));
-            }
-        }
-        if num_heads % num_kv_heads != 0 {
-            return Err(unsupported(
-                "num_key_value_heads",
-                num_kv_heads.to_string(),
-                "must divide num_attention_heads",
-            ));
-        }
         let head_dim = match raw.head_dim {
             Some(d) => d,
-            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
-            None => {
-                return Err(unsupported(
-                    "num_attention_heads",
-                    num_heads.to_string(),
-                    "must divide hidden_size when head_dim is absent",
-                ));
-            }
+            None => match hidden_size.checked_rem(num_heads) {
+                Some(0) => hidden_size / num_heads,
+                Some(_) => {
+                    return Err(unsupported(
+                        "num_attention_heads",
+                        num_heads.to_string(),
+                        "must divide hidden_size when head_dim is absent",
+                    ));
+                }
+                // No heads: `validate` below refuses num_attention_heads = 0.
+                None => 0,
+            },
         };
-        if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(unsupported(
-                "head_dim",
-                head_dim.to_string(),
-                "rotary embedding needs an even head_dim",
-            ));
-        }
 
         let rope_theta = match (&raw.rope_parameters, raw.rope_theta) {
             (Some(params), top_level) => {
@@ -273,21 +289,25 @@ impl ModelConfig {
             })?),
         };
 
+        let architecture = Architecture {
+            family: family.to_owned(),
+            hidden_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            intermediate_size,
+            vocab_size,
+            rope_theta,
+            rms_norm_eps,
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            context_length: max_position_embeddings,
+        };
+        architecture
+            .validate()
+            .map_err(|e| ConfigError::architecture(path, config_key, e))?;
         Ok(ModelConfig {
-            architecture: Architecture {
-                family: family.to_owned(),
-                hidden_size,
-                num_layers,
-                num_heads,
-                num_kv_heads,
-                head_dim,
-                intermediate_size,
-                vocab_size,
-                rope_theta,
-                rms_norm_eps,
-                tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
-                context_length: max_position_embeddings,
-            },
+            architecture,
             dtype,
             max_position_embeddings,
             sliding_window: raw.sliding_window,
@@ -356,5 +376,20 @@ mod tests {
         let err = parse(r#"{"architectures":["GPT2LMHeadModel"]}"#).unwrap_err();
         assert!(matches!(err, ConfigError::UnsupportedArchitecture { .. }));
         assert!(err.to_string().contains("GPT2LMHeadModel"));
+    }
+
+    #[test]
+    fn a_shape_the_bundle_cannot_hold_is_refused_by_key() {
+        let err = parse(
+            r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"num_hidden_layers":2,
+            "num_attention_heads":4,"num_key_value_heads":3,"intermediate_size":96,
+            "vocab_size":100,"rms_norm_eps":1e-6,"max_position_embeddings":2048}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("config.json") && err.contains("`num_key_value_heads` = 3"),
+            "{err}"
+        );
     }
 }

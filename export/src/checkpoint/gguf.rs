@@ -11,6 +11,7 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
+use marengo_bundle::architecture::ArchitectureField;
 use marengo_bundle::manifest::Architecture;
 use sha2::{Digest, Sha256};
 
@@ -305,6 +306,20 @@ fn map_tensors(
     Ok(out)
 }
 
+/// The metadata key an architecture field is read from.
+fn gguf_key(field: ArchitectureField) -> &'static str {
+    match field {
+        ArchitectureField::HiddenSize => "llama.embedding_length",
+        ArchitectureField::NumLayers => "llama.block_count",
+        ArchitectureField::NumHeads => "llama.attention.head_count",
+        ArchitectureField::NumKvHeads => "llama.attention.head_count_kv",
+        ArchitectureField::HeadDim => "llama.attention.key_length",
+        ArchitectureField::IntermediateSize => "llama.feed_forward_length",
+        ArchitectureField::VocabSize => "llama.vocab_size",
+        ArchitectureField::ContextLength => "llama.context_length",
+    }
+}
+
 /// The model configuration from `{arch}.*` metadata.
 fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigError> {
     let meta = Meta { path, index };
@@ -319,46 +334,31 @@ fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigErr
         ));
     }
     let required = |key: &'static str| -> Result<usize, ConfigError> {
-        match meta.uint(key)? {
-            Some(0) => Err(meta.unsupported(key, "0".into(), "must be positive")),
-            Some(v) => Ok(v),
-            None => Err(meta.missing(key)),
-        }
+        meta.uint(key)?.ok_or_else(|| meta.missing(key))
     };
     let hidden_size = required("llama.embedding_length")?;
     let num_layers = required("llama.block_count")?;
     let intermediate_size = required("llama.feed_forward_length")?;
     let num_heads = required("llama.attention.head_count")?;
     let context_length = required("llama.context_length")?;
-    let num_kv_heads = match meta.uint("llama.attention.head_count_kv")? {
-        None => num_heads,
-        Some(n) if n > 0 && num_heads % n == 0 => n,
-        Some(n) => {
-            return Err(meta.unsupported(
-                "llama.attention.head_count_kv",
-                n.to_string(),
-                "must be positive and divide llama.attention.head_count",
-            ));
-        }
-    };
+    let num_kv_heads = meta
+        .uint("llama.attention.head_count_kv")?
+        .unwrap_or(num_heads);
     let head_dim = match meta.uint("llama.attention.key_length")? {
         Some(d) => d,
-        None if hidden_size % num_heads == 0 => hidden_size / num_heads,
-        None => {
-            return Err(meta.unsupported(
-                "llama.attention.head_count",
-                num_heads.to_string(),
-                "must divide llama.embedding_length when llama.attention.key_length is absent",
-            ));
-        }
+        None => match hidden_size.checked_rem(num_heads) {
+            Some(0) => hidden_size / num_heads,
+            Some(_) => {
+                return Err(meta.unsupported(
+                    "llama.attention.head_count",
+                    num_heads.to_string(),
+                    "must divide llama.embedding_length when llama.attention.key_length is absent",
+                ));
+            }
+            // No heads: `validate` below refuses llama.attention.head_count = 0.
+            None => 0,
+        },
     };
-    if head_dim == 0 || head_dim % 2 != 0 {
-        return Err(meta.unsupported(
-            "llama.attention.key_length",
-            head_dim.to_string(),
-            "rotary embedding needs an even head dimension",
-        ));
-    }
     if let Some(v) = meta.uint("llama.attention.value_length")?
         && v != head_dim
     {
@@ -419,21 +419,25 @@ fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigErr
             .map(|v| v.and_then(|v| u32::try_from(v).ok()))
     };
 
+    let architecture = Architecture {
+        family: "llama".to_owned(),
+        hidden_size,
+        num_layers,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        intermediate_size,
+        vocab_size,
+        rope_theta,
+        rms_norm_eps,
+        tie_word_embeddings: index.tensor("output.weight").is_none(),
+        context_length,
+    };
+    architecture
+        .validate()
+        .map_err(|e| ConfigError::architecture(path, gguf_key, e))?;
     Ok(ModelConfig {
-        architecture: Architecture {
-            family: "llama".to_owned(),
-            hidden_size,
-            num_layers,
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            intermediate_size,
-            vocab_size,
-            rope_theta,
-            rms_norm_eps,
-            tie_word_embeddings: index.tensor("output.weight").is_none(),
-            context_length,
-        },
+        architecture,
         dtype: None,
         max_position_embeddings: context_length,
         sliding_window: None,
