@@ -23,6 +23,8 @@ cargo fmt --all -- --check
 
 stage "x86_64 tests: exporter, merge, engine, D-Bus service, SmolLM2 end to end"
 cargo test --release --workspace
+# The kernel tests pass with whichever instruction sets the CPU has: say which they covered.
+cargo test --release --workspace --lib -- --exact kernels::tests::report_the_isas_covered --nocapture
 
 # The kernels and the engine against its references, on aarch64 (NEON) under qemu-user. The
 # bundles are made by the host's exporter: the file format does not depend on the machine.
@@ -30,6 +32,8 @@ stage "aarch64 tests under qemu-user: kernels, engine"
 .ci/aarch64.sh install
 MARENGO_EXPORT="$CARGO_TARGET_DIR/release/marengo-export" \
     .ci/aarch64.sh test --release --workspace --lib --test engine_matches_references
+.ci/aarch64.sh test --release --workspace --lib -- --exact kernels::tests::report_the_isas_covered \
+    --nocapture
 
 stage "packages: amd64 and arm64 .deb, lintian, systemd units, policy, install in a container"
 .ci/packaging.sh

@@ -11,8 +11,11 @@
 //! count is that of the rayon pool the call runs in: wrap calls in
 //! [`rayon::ThreadPool::install`] to choose it.
 //!
+//! The decode step's attention ([`attention`]) follows the same pattern over f32 slices.
+//!
 //! This module knows nothing of models or graphs.
 
+pub mod attention;
 mod bandwidth;
 pub mod e4m3;
 mod matrix;

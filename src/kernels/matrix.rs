@@ -41,6 +41,8 @@ pub enum KernelError {
     },
     #[error("row {row} is out of range for an FP8 matrix of {rows} rows")]
     RowOutOfRange { row: usize, rows: usize },
+    #[error("{0:?} is not the shape of a decode step's attention")]
+    AttentionShape(super::attention::AttentionShape),
     #[error("{0:?} kernels are not available on this CPU")]
     IsaUnavailable(Isa),
 }

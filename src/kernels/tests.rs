@@ -376,3 +376,37 @@ fn neon_is_chosen_on_aarch64() {
     assert_eq!(Isa::best(), Isa::Neon);
     assert!(available_isas().contains(&Isa::Neon));
 }
+
+/// Every test of the kernels (FP8 and attention) runs each implementation this CPU has and passes
+/// whichever those are, so this one says which were covered and why the others were not.
+/// `test.sh` runs it with `--nocapture`, so that CI's log shows it for each architecture.
+#[test]
+fn report_the_isas_covered() {
+    let (covered, missed): (Vec<Isa>, Vec<Isa>) =
+        Isa::ALL.into_iter().partition(|isa| isa.is_available());
+    let missed: Vec<String> = missed
+        .into_iter()
+        .map(|isa| format!("{isa:?} ({})", why_unavailable(isa)))
+        .collect();
+    eprintln!(
+        "kernels tested on {} with {covered:?}; not tested: {}",
+        std::env::consts::ARCH,
+        if missed.is_empty() {
+            "none".to_string()
+        } else {
+            missed.join(", ")
+        }
+    );
+    assert_eq!(covered, available_isas());
+    assert!(covered.contains(&Isa::best()));
+}
+
+fn why_unavailable(isa: Isa) -> &'static str {
+    match (isa, cfg!(target_arch = "x86_64")) {
+        (Isa::Scalar | Isa::Portable, _) => unreachable!("{isa:?} runs everywhere"),
+        (Isa::Avx2, true) => "this CPU lacks AVX2, FMA or F16C",
+        (Isa::Avx512, true) => "this CPU lacks AVX-512F, AVX-512BW or AVX2",
+        (Isa::Avx2 | Isa::Avx512, false) => "x86_64 only",
+        (Isa::Neon, _) => "aarch64 only",
+    }
+}

@@ -11,6 +11,7 @@
 
 pub mod attention;
 pub mod fp8_ops;
+mod kv_cache;
 pub mod last_position;
 pub mod rewrite;
 
