@@ -7,12 +7,11 @@
 //! Deterministic in CI (fixed seed); `PROPTEST_CASES=N` and `PROPTEST_RNG_SEED=S` run a longer
 //! or another session by hand.
 
-mod dbus_support;
-
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use marengo::engine::{Engine, EngineOptions};
+use marengo_testkit::{Kind, tiny_bundle};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestRunner};
 
@@ -168,7 +167,7 @@ fn config() -> Config {
 /// Runs the cases by hand rather than through `proptest!`, to count the two outcomes after.
 #[test]
 fn damaged_bundles_are_refused_or_work_never_panic() {
-    let original = dbus_support::tiny_bundle();
+    let original = tiny_bundle(Kind::Fp8);
     let strategy = (prop::sample::select(&FILES[..]), damage(), any::<bool>());
     let mut runner = TestRunner::new(config());
     let result = runner.run(&strategy, |(file, damage, follow_size)| {
@@ -195,7 +194,7 @@ fn damaged_bundles_are_refused_or_work_never_panic() {
 /// bundle loads, and a damaged size is refused.
 #[test]
 fn the_undamaged_bundle_loads_and_a_wrong_size_is_refused() {
-    let original = dbus_support::tiny_bundle();
+    let original = tiny_bundle(Kind::Fp8);
     let scratch = tempfile::tempdir().expect("scratch dir");
     damaged_copy(
         original,

@@ -1,11 +1,10 @@
 //! With `--idle-unload-secs`, the daemon unmaps the model's weights after that long without a
 //! request, and maps them again for the next one.
 
-mod dbus_support;
-
 use std::time::Duration;
 
-use dbus_support::{Bus, Daemon, connect, greedy, proxy, scratch_dir};
+use marengo_testkit::dbus::{Bus, Daemon, connect, greedy, proxy};
+use marengo_testkit::scratch_dir;
 
 fn weights_mapped(daemon: &Daemon) -> bool {
     std::fs::read_to_string(format!("/proc/{}/maps", daemon.pid()))

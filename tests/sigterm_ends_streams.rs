@@ -1,13 +1,10 @@
 //! SIGTERM mid-generation: the running stream and the waiting ones end with reason
 //! `shutdown`, each client gets its `Finished`, and the daemon exits cleanly within 2 s.
 
-mod dbus_support;
-
 use std::time::Duration;
 
-use dbus_support::{
-    Bus, Daemon, collect, connect, greedy, next_signal, proxy, scratch_dir, signals,
-};
+use marengo_testkit::dbus::{Bus, Daemon, collect, connect, greedy, next_signal, proxy, signals};
+use marengo_testkit::scratch_dir;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_running_and_waiting_streams_with_shutdown() {

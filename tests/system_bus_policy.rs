@@ -4,12 +4,11 @@
 //! (and `marengoctl` says so with exit code 3). A refused user's match rules see nothing of
 //! an allowed user's stream.
 
-mod dbus_support;
-
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use dbus_support::{Bus, Daemon, repo_root, run, scratch_dir};
+use marengo_testkit::dbus::{Bus, Daemon};
+use marengo_testkit::{repo_root, run, scratch_dir};
 
 const SERVICE_USER: &str = "marengo";
 const MEMBER: &str = "marengo-test-member";
@@ -194,7 +193,7 @@ fn only_allowed_users_may_call_and_own() {
         "{stderr}"
     );
     let output = as_user(OUTSIDER)
-        .arg(dbus_support::binaries::marengoctl())
+        .arg(marengo_testkit::binaries::marengoctl())
         .args(["--address", &bus.address, "status"])
         .output()
         .expect("running marengoctl");
@@ -221,7 +220,7 @@ fn only_allowed_users_may_call_and_own() {
         .expect("starting gdbus monitor");
     std::thread::sleep(std::time::Duration::from_millis(500));
     let answer = run(as_user(MEMBER)
-        .arg(dbus_support::binaries::marengoctl())
+        .arg(marengo_testkit::binaries::marengoctl())
         .args(["--address", &bus.address, "generate", "Hello there"])
         .args(["--max-tokens", "12", "--temperature", "0"]));
     assert!(!answer.trim().is_empty(), "the member got no text");

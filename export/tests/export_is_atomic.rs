@@ -1,12 +1,12 @@
 //! An export either produces a complete bundle at the target or nothing there: a full disk, a
 //! killed exporter or an existing bundle never leave a half-written directory that looks like one.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 
-use support::*;
+use marengo_testkit::exporter::{convert, marengo_export, marengo_export_fails, tiny_checkpoint};
+use marengo_testkit::files::{dir_entries, sha256_file};
+use marengo_testkit::scratch_dir;
 
 /// Runs `convert` under `ulimit -f` (in 512-byte blocks) so that writing `model.weights` runs
 /// into the limit. With `ignore_signal`, the write fails with EFBIG as on a full disk; without,

@@ -6,11 +6,12 @@
 use std::path::PathBuf;
 
 use marengo_export::gguf::{Array, FormatError, GgmlType, GgufFile, GgufIndex, Value, dequant};
+use marengo_testkit::fixtures;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
 
 fn fixture_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gguf/quants.gguf")
+    fixtures().join("gguf/quants.gguf")
 }
 
 fn fixture_bytes() -> Vec<u8> {
