@@ -3,11 +3,10 @@
 //! it back on the new bus, and a daemon that D-Bus activated for a session does not outlive
 //! the session.
 
-mod dbus_support;
-
 use std::time::Duration;
 
-use dbus_support::{Bus, Daemon, connect, greedy, next_signal, proxy, scratch_dir, signals};
+use marengo_testkit::dbus::{Bus, Daemon, connect, greedy, next_signal, proxy, signals};
+use marengo_testkit::scratch_dir;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_bus_mid_generation_ends_the_daemon_with_an_error() {

@@ -1,18 +1,18 @@
 //! Fuzzing the bundle loader: a bundle whose manifest, graph, weights or tokenizer was damaged
 //! (bytes flipped, a number replaced, a file cut short or grown, with or without the manifest's
-//! size following it) is refused with an error or, when the damage leaves a consistent bundle,
-//! loads and generates; it never panics. The sizes are what `Engine::load` checks without
+//! size following it) is refused with an error, at load or with a typed error when it runs, or,
+//! when the damage leaves a consistent bundle, loads and generates; it never panics. The sizes are what `Engine::load` checks without
 //! hashing, so a damaged file whose size the manifest still matches is the parsers' case.
 //!
 //! Deterministic in CI (fixed seed); `PROPTEST_CASES=N` and `PROPTEST_RNG_SEED=S` run a longer
 //! or another session by hand.
 
-mod dbus_support;
-
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use marengo::engine::{Engine, EngineOptions};
+use marengo::engine::{Engine, EngineError, EngineOptions};
+use marengo::session::SessionError;
+use marengo_testkit::{Kind, tiny_bundle};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestRunner};
 
@@ -121,36 +121,56 @@ fn damaged_copy(original: &Path, dir: &Path, file: &str, damage: &Damage, follow
     }
 }
 
+/// Bundles that loaded and generated.
 static LOADED: AtomicUsize = AtomicUsize::new(0);
+/// Bundles that `Engine::load` refused.
 static REFUSED: AtomicUsize = AtomicUsize::new(0);
+/// Bundles that loaded but whose session or generation then failed with a typed error.
+static REFUSED_AFTER_LOAD: AtomicUsize = AtomicUsize::new(0);
+
+/// Why a bundle that loaded could not generate.
+#[derive(Debug, thiserror::Error)]
+enum AfterLoad {
+    #[error("opening a session: {0}")]
+    Session(#[from] EngineError),
+    #[error("generating: {0}")]
+    Generate(#[from] SessionError),
+}
 
 /// Loads the damaged bundle and, when that works, generates a few tokens, which must not panic
-/// either (a consistent bundle with wrong numbers in it may well generate nonsense).
+/// either (a consistent bundle with wrong numbers in it may well generate nonsense). A bundle
+/// counts as loaded only once it has generated.
 fn load_and_generate(dir: &Path) {
     match Engine::load(dir, &EngineOptions::default()) {
         Err(e) => {
             assert!(!e.to_string().is_empty(), "an error without a message");
             REFUSED.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(engine) => {
-            LOADED.fetch_add(1, Ordering::Relaxed);
-            if let Ok(mut session) = engine.new_model_session()
-                && let Ok(mut logits) = session.feed(&[1, 415, 2936])
-            {
-                for _ in 0..2 {
-                    let next = logits
-                        .iter()
-                        .enumerate()
-                        .max_by(|a, b| a.1.total_cmp(b.1))
-                        .map_or(0, |(i, _)| i as u32);
-                    match session.feed(&[next]) {
-                        Ok(l) => logits = l,
-                        Err(_) => break,
-                    }
-                }
+        Ok(engine) => match generate(&engine) {
+            Ok(()) => {
+                LOADED.fetch_add(1, Ordering::Relaxed);
             }
-        }
+            Err(e) => {
+                assert!(!e.to_string().is_empty(), "an error without a message");
+                REFUSED_AFTER_LOAD.fetch_add(1, Ordering::Relaxed);
+            }
+        },
     }
+}
+
+/// A prompt and two greedy tokens.
+fn generate(engine: &Engine) -> Result<(), AfterLoad> {
+    let mut session = engine.new_model_session()?;
+    let mut logits = session.feed(&[1, 415, 2936])?;
+    for _ in 0..2 {
+        let next = logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i as u32);
+        logits = session.feed(&[next])?;
+    }
+    Ok(())
 }
 
 fn config() -> Config {
@@ -165,10 +185,10 @@ fn config() -> Config {
     }
 }
 
-/// Runs the cases by hand rather than through `proptest!`, to count the two outcomes after.
+/// Runs the cases by hand rather than through `proptest!`, to count the outcomes after.
 #[test]
 fn damaged_bundles_are_refused_or_work_never_panic() {
-    let original = dbus_support::tiny_bundle();
+    let original = tiny_bundle(Kind::Fp8);
     let strategy = (prop::sample::select(&FILES[..]), damage(), any::<bool>());
     let mut runner = TestRunner::new(config());
     let result = runner.run(&strategy, |(file, damage, follow_size)| {
@@ -180,11 +200,15 @@ fn damaged_bundles_are_refused_or_work_never_panic() {
     if let Err(failure) = result {
         panic!("{failure}");
     }
-    let (loaded, refused) = (
+    let (loaded, refused, refused_after_load) = (
         LOADED.load(Ordering::Relaxed),
         REFUSED.load(Ordering::Relaxed),
+        REFUSED_AFTER_LOAD.load(Ordering::Relaxed),
     );
-    println!("damaged bundles: {refused} refused, {loaded} loaded and generated");
+    println!(
+        "damaged bundles: {refused} refused, {refused_after_load} refused after loading, \
+         {loaded} loaded and generated"
+    );
     assert!(
         loaded > 0 && refused > 0,
         "the damage reached one outcome only"
@@ -195,7 +219,7 @@ fn damaged_bundles_are_refused_or_work_never_panic() {
 /// bundle loads, and a damaged size is refused.
 #[test]
 fn the_undamaged_bundle_loads_and_a_wrong_size_is_refused() {
-    let original = dbus_support::tiny_bundle();
+    let original = tiny_bundle(Kind::Fp8);
     let scratch = tempfile::tempdir().expect("scratch dir");
     damaged_copy(
         original,

@@ -7,21 +7,13 @@
 //!   same bundle, and its logits stay close to onnxruntime's.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use marengo::engine::{Engine, EngineOptions};
 use marengo::session::Session;
+use marengo_testkit::exporter::{synth, tokenizer_fixture};
+use marengo_testkit::onnxruntime::{OrtGreedy, ort_greedy};
+use marengo_testkit::{Kind, argmax, fixtures, max_abs_diff, repo_root};
 use safetensors::SafeTensors;
-
-#[path = "support/binaries.rs"]
-mod binaries;
-#[path = "support/command.rs"]
-mod command;
-#[path = "support/onnxruntime.rs"]
-mod onnxruntime;
-use binaries::marengo_export;
-use command::run;
-use onnxruntime::{OrtGreedy, ort_greedy};
 
 const TOLERANCE: f32 = 1e-3;
 
@@ -36,12 +28,8 @@ struct Golden {
     vocab: usize,
 }
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn golden(name: &'static str) -> Golden {
-    let dir = repo().join("tests/fixtures/golden");
+    let dir = fixtures().join("golden");
     let meta: serde_json::Value = serde_json::from_slice(
         &std::fs::read(dir.join(format!("{name}.json"))).expect("golden json"),
     )
@@ -64,7 +52,7 @@ fn golden(name: &'static str) -> Golden {
             .collect()
     };
     Golden {
-        config: repo().join(meta["config"].as_str().expect("config")),
+        config: repo_root().join(meta["config"].as_str().expect("config")),
         synth_args: meta["synth_args"]
             .as_array()
             .expect("synth_args")
@@ -79,45 +67,18 @@ fn golden(name: &'static str) -> Golden {
     }
 }
 
-/// Synthesizes the golden checkpoint and converts it with `convert_args`.
-fn bundle(golden: &Golden, scratch: &Path, label: &str, convert_args: &[&str]) -> PathBuf {
+/// Synthesizes the golden checkpoint and converts it to a bundle of `kind`.
+fn bundle(golden: &Golden, scratch: &Path, kind: Kind) -> PathBuf {
     let checkpoint = scratch.join("checkpoint");
     if !checkpoint.exists() {
-        run(Command::new(marengo_export())
-            .arg("synth")
-            .arg("--config")
-            .arg(&golden.config)
-            .args(&golden.synth_args)
-            .arg("--tokenizer")
-            .arg(repo().join("tests/fixtures/mistral-7b-v0.1/tokenizer.json"))
-            .arg("--out")
-            .arg(&checkpoint));
+        let mut args = golden.synth_args.clone();
+        args.push("--tokenizer".into());
+        args.push(tokenizer_fixture().display().to_string());
+        synth(&golden.config, &checkpoint, &args);
     }
-    let out = scratch.join(label);
-    run(Command::new(marengo_export())
-        .arg("convert")
-        .arg(&checkpoint)
-        .arg("--out")
-        .arg(&out)
-        .args(convert_args));
+    let out = scratch.join(kind.to_string());
+    kind.convert(&checkpoint, &out);
     out
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    logits
-        .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i as u32)
-        .expect("non-empty logits")
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn greedy(session: &mut Session, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
@@ -140,18 +101,17 @@ fn load(bundle: &Path) -> std::sync::Arc<Engine> {
 fn f32_bundle_matches_transformers(name: &'static str) {
     let golden = golden(name);
     let scratch = tempfile::tempdir().expect("scratch dir");
-    let bundle = bundle(&golden, scratch.path(), "f32", &["--dtype", "f32"]);
+    let bundle = bundle(&golden, scratch.path(), Kind::F32);
     let engine = load(&bundle);
     let mut session = engine.new_model_session().expect("session");
     let vocab = golden.vocab;
 
     // One token at a time: every prompt position's logits, through the KV cache.
-    let mut worst = 0.0f32;
-    for (position, &token) in golden.prompt.iter().enumerate() {
-        let logits = session.feed(&[token]).expect("feed one token");
-        let expected = &golden.logits[position * vocab..(position + 1) * vocab];
-        worst = worst.max(max_abs_diff(&logits, expected));
+    let mut logits = Vec::with_capacity(golden.prompt.len() * vocab);
+    for &token in &golden.prompt {
+        logits.extend(session.feed(&[token]).expect("feed one token"));
     }
+    let worst = max_abs_diff(&logits, &golden.logits[..golden.prompt.len() * vocab]);
     println!("{name}: f32 prompt logits, token by token: max |diff| {worst:.3e}");
     assert!(
         worst <= TOLERANCE,
@@ -161,11 +121,10 @@ fn f32_bundle_matches_transformers(name: &'static str) {
     // The whole prompt at once, then greedy decoding.
     session.reset().expect("reset");
     let (tokens, step_logits) = greedy(&mut session, &golden.prompt, golden.greedy.len());
-    let worst = step_logits
-        .iter()
-        .enumerate()
-        .map(|(i, l)| max_abs_diff(l, &golden.greedy_logits[i * vocab..(i + 1) * vocab]))
-        .fold(0.0, f32::max);
+    let worst = max_abs_diff(
+        &step_logits.concat(),
+        &golden.greedy_logits[..step_logits.len() * vocab],
+    );
     println!("{name}: f32 greedy-step logits: max |diff| {worst:.3e}");
     assert!(
         worst <= TOLERANCE,
@@ -187,10 +146,10 @@ fn f32_llama_tied_matches_transformers() {
     f32_bundle_matches_transformers("llama-tied");
 }
 
-fn fp8_bundle_matches_onnxruntime(name: &'static str, label: &str, convert_args: &[&str]) {
+fn fp8_bundle_matches_onnxruntime(name: &'static str, kind: Kind) {
     let golden = golden(name);
     let scratch = tempfile::tempdir().expect("scratch dir");
-    let bundle = bundle(&golden, scratch.path(), label, convert_args);
+    let bundle = bundle(&golden, scratch.path(), kind);
     let steps = golden.greedy.len();
     let OrtGreedy {
         tokens: ort_greedy,
@@ -200,34 +159,32 @@ fn fp8_bundle_matches_onnxruntime(name: &'static str, label: &str, convert_args:
     let engine = load(&bundle);
     let mut session = engine.new_model_session().expect("session");
     let (tokens, step_logits) = greedy(&mut session, &golden.prompt, steps);
-    let vocab = golden.vocab;
-    let worst = step_logits
-        .iter()
-        .enumerate()
-        .map(|(i, l)| max_abs_diff(l, &ort_logits[i * vocab..(i + 1) * vocab]))
-        .fold(0.0, f32::max);
-    println!("{name} {label}: FP8 greedy-step logits vs onnxruntime: max |diff| {worst:.3e}");
+    let worst = max_abs_diff(
+        &step_logits.concat(),
+        &ort_logits[..step_logits.len() * golden.vocab],
+    );
+    println!("{name} {kind}: FP8 greedy-step logits vs onnxruntime: max |diff| {worst:.3e}");
     assert_eq!(
         tokens, ort_greedy,
-        "{name} {label}: greedy tokens differ from onnxruntime"
+        "{name} {kind}: greedy tokens differ from onnxruntime"
     );
     assert!(
         worst <= TOLERANCE,
-        "{name} {label}: logits differ from onnxruntime by {worst}"
+        "{name} {kind}: logits differ from onnxruntime by {worst}"
     );
 }
 
 #[test]
 fn fp8_mistral_gqa_matches_onnxruntime() {
-    fp8_bundle_matches_onnxruntime("mistral-gqa", "fp8", &[]);
+    fp8_bundle_matches_onnxruntime("mistral-gqa", Kind::Fp8);
 }
 
 #[test]
 fn fp8_blocked_mistral_gqa_matches_onnxruntime() {
-    fp8_bundle_matches_onnxruntime("mistral-gqa", "fp8-block32", &["--block", "32"]);
+    fp8_bundle_matches_onnxruntime("mistral-gqa", Kind::Fp8Block(32));
 }
 
 #[test]
 fn fp8_llama_tied_matches_onnxruntime() {
-    fp8_bundle_matches_onnxruntime("llama-tied", "fp8", &[]);
+    fp8_bundle_matches_onnxruntime("llama-tied", Kind::Fp8);
 }

@@ -1,11 +1,10 @@
 //! The committed `packaging/dbus/org.marengo.Llm1.xml` is the interface the running service
 //! exports: what clients code against cannot drift from what they get.
 
-mod dbus_support;
-
 use std::process::Command;
 
-use dbus_support::{Bus, Daemon, run, scratch_dir};
+use marengo_testkit::dbus::{Bus, Daemon};
+use marengo_testkit::{run, scratch_dir};
 
 /// The `<interface name="org.marengo.Llm1">` element of an introspection document, with its
 /// lines trimmed (indentation differs between the committed file and the service).
@@ -38,7 +37,7 @@ fn committed_xml_equals_the_introspection_of_the_service() {
             "--object-path",
             "/org/marengo/Llm1",
         ]));
-    let committed_path = dbus_support::repo_root().join("packaging/dbus/org.marengo.Llm1.xml");
+    let committed_path = marengo_testkit::repo_root().join("packaging/dbus/org.marengo.Llm1.xml");
     let committed = std::fs::read_to_string(&committed_path)
         .unwrap_or_else(|e| panic!("{}: {e}", committed_path.display()));
     assert_eq!(

@@ -3,17 +3,14 @@
 //! options, or a prefix of it when cancelled), one `Finished` each, nothing lost or crossed,
 //! and the daemon's memory stays bounded. Prints the figures.
 
-mod dbus_support;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use dbus_support::{
-    Bus, Daemon, Signal, connect, greedy, next_signal, proxy, scratch_dir, signals,
-};
 use marengo::dbus::Llm1Error;
+use marengo_testkit::dbus::{Bus, Daemon, Signal, connect, greedy, next_signal, proxy, signals};
+use marengo_testkit::scratch_dir;
 
 const CLIENTS: usize = 50;
 const REQUESTS_PER_CLIENT: usize = 4;

@@ -2,15 +2,14 @@
 //! on stdin), `chat` without a terminal answers one line per turn followed by an empty line,
 //! `status` and `tokenize` report, and failures have distinct exit codes.
 
-mod dbus_support;
-
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
-use dbus_support::{Bus, Daemon, connect, greedy, proxy, scratch_dir};
+use marengo_testkit::dbus::{Bus, Daemon, connect, greedy, proxy};
+use marengo_testkit::scratch_dir;
 
 fn marengoctl(address: &str, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(dbus_support::binaries::marengoctl())
+    let mut child = Command::new(marengo_testkit::binaries::marengoctl())
         .args(["--address", address])
         .args(args)
         .stdin(Stdio::piped())

@@ -2,13 +2,12 @@
 //! key, as sent by the real shell clients (`gdbus`, `busctl`) and by zbus; the integer widths
 //! those clients send are accepted; a prompt over the context is `ContextOverflow`.
 
-mod dbus_support;
-
 use std::collections::HashMap;
 use std::process::Command;
 
-use dbus_support::{Bus, Daemon, connect, proxy, scratch_dir};
 use marengo::dbus::Llm1Error;
+use marengo_testkit::dbus::{Bus, Daemon, connect, proxy};
+use marengo_testkit::scratch_dir;
 use zbus::Variant;
 
 fn gdbus_generate(address: &str, options: &str) -> std::process::Output {

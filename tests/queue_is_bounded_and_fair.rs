@@ -2,15 +2,12 @@
 //! `Busy`), fair (clients take turns, so one client's many requests do not starve another's
 //! one), and a request can be cancelled only by its owner.
 
-mod dbus_support;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use dbus_support::{
-    Bus, Daemon, Signal, connect, greedy, next_signal, proxy, scratch_dir, signals,
-};
 use marengo::dbus::Llm1Error;
+use marengo_testkit::dbus::{Bus, Daemon, Signal, connect, greedy, next_signal, proxy, signals};
+use marengo_testkit::scratch_dir;
 use zbus::OwnedObjectPath;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

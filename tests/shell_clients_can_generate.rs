@@ -2,11 +2,10 @@
 //! and tokenize; their answers agree with a zbus client's, and a streamed `Generate` delivers
 //! exactly the text `Complete` returns for the same prompt and options.
 
-mod dbus_support;
-
 use std::process::Command;
 
-use dbus_support::{Bus, Daemon, collect, connect, greedy, proxy, run, scratch_dir, signals};
+use marengo_testkit::dbus::{Bus, Daemon, collect, connect, greedy, proxy, signals};
+use marengo_testkit::{run, scratch_dir};
 
 const PROMPT: &str = "The quick brown fox";
 

@@ -1,13 +1,14 @@
 //! SIGTERM mid-generation: the running stream and the waiting ones end with reason
-//! `shutdown`, each client gets its `Finished`, and the daemon exits cleanly within 2 s.
-
-mod dbus_support;
+//! `shutdown`, each client gets its `Finished`, and the daemon exits cleanly at once, without
+//! finishing them.
 
 use std::time::Duration;
 
-use dbus_support::{
-    Bus, Daemon, collect, connect, greedy, next_signal, proxy, scratch_dir, signals,
-};
+use marengo_testkit::dbus::{Bus, Daemon, collect, connect, greedy, next_signal, proxy, signals};
+use marengo_testkit::scratch_dir;
+
+/// How long the daemon may take to exit after SIGTERM (see where it is checked).
+const SHUTDOWN_BOUND: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_running_and_waiting_streams_with_shutdown() {
@@ -44,8 +45,12 @@ async fn sigterm_ends_running_and_waiting_streams_with_shutdown() {
     .map(|(ended, _daemon)| ended)
     .expect("terminating marengod");
     assert!(status.success(), "marengod exited with {status}");
+    // A clean exit takes milliseconds (measured from the signal's delivery). The bound is wide
+    // for a loaded 2-core machine and still below the 25 s a D-Bus call waits for its reply,
+    // the usual way a shutdown hangs; that the streams were not finished first is what the
+    // token counts below check.
     assert!(
-        took < Duration::from_secs(2),
+        took < SHUTDOWN_BOUND,
         "marengod took {took:?} to exit after SIGTERM"
     );
 

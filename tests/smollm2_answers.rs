@@ -15,16 +15,9 @@ use std::sync::Arc;
 
 use marengo::dbus::encode_chat;
 use marengo::engine::{Engine, EngineOptions};
-
-#[path = "support/binaries.rs"]
-mod binaries;
-#[path = "support/command.rs"]
-mod command;
-#[path = "support/onnxruntime.rs"]
-mod onnxruntime;
-use binaries::marengo_export;
-use command::run;
-use onnxruntime::{OrtGreedy, ort_greedy};
+use marengo_testkit::binaries::marengo_export;
+use marengo_testkit::onnxruntime::{OrtGreedy, ort_greedy};
+use marengo_testkit::{argmax, max_abs_diff, repo_root, run};
 
 const QUESTION: &str = "What is the capital of France?";
 /// Ordinary English prose for the FP8-vs-f32 comparison (written for this test).
@@ -45,14 +38,10 @@ const MAX_MEAN_KL: f64 = 0.04;
 /// 1.0e-4 on logits of magnitude ~25).
 const ORT_LOGIT_TOLERANCE: f32 = 1e-3;
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// The GGUF's path, as `.ci/smollm2.sh` prints it (from its cache; it downloads only when the
 /// cache is empty, which `./test.sh` has already filled).
 fn smollm2_gguf() -> PathBuf {
-    let path = PathBuf::from(run(&mut Command::new(repo().join(".ci/smollm2.sh"))).trim());
+    let path = PathBuf::from(run(&mut Command::new(repo_root().join(".ci/smollm2.sh"))).trim());
     assert!(path.is_file(), "{} is missing", path.display());
     path
 }
@@ -65,15 +54,6 @@ fn export(gguf: &Path, out: &Path, extra: &[&str]) {
         .arg("--out")
         .arg(out)
         .args(extra));
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    logits
-        .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i as u32)
-        .expect("non-empty logits")
 }
 
 struct Greedy {
@@ -231,13 +211,9 @@ fn smollm2_fp8_answers_like_f32_and_onnxruntime() {
         tokens: ort_greedy,
         logits: ort_logits,
     } = ort_greedy(&fp8_dir, &prompt, answer.tokens.len(), 0);
-    let vocab = fp8.manifest().architecture.vocab_size;
-    let worst = answer
-        .logits
-        .iter()
-        .zip(ort_logits.chunks_exact(vocab))
-        .flat_map(|(ours, theirs)| ours.iter().zip(theirs).map(|(a, b)| (a - b).abs()))
-        .fold(0.0f32, f32::max);
+    let ours = answer.logits.concat();
+    let compared = ours.len().min(ort_logits.len());
+    let worst = max_abs_diff(&ours[..compared], &ort_logits[..compared]);
     println!(
         "onnxruntime on the FP8 bundle: {} greedy tokens, max |Δlogit| {worst:.3e}",
         ort_greedy.len()

@@ -2,13 +2,10 @@
 //! signal of the interface receives none of them, and two concurrent clients each receive
 //! only their own request's stream.
 
-mod dbus_support;
-
 use std::time::Duration;
 
-use dbus_support::{
-    Bus, Daemon, collect, connect, greedy, next_signal, proxy, scratch_dir, signals,
-};
+use marengo_testkit::dbus::{Bus, Daemon, collect, connect, greedy, next_signal, proxy, signals};
+use marengo_testkit::scratch_dir;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_third_connection_with_a_match_rule_sees_no_token() {

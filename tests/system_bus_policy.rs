@@ -4,12 +4,14 @@
 //! (and `marengoctl` says so with exit code 3). A refused user's match rules see nothing of
 //! an allowed user's stream.
 
-mod dbus_support;
-
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
 
-use dbus_support::{Bus, Daemon, repo_root, run, scratch_dir};
+use marengo_testkit::dbus::{Bus, Daemon};
+use marengo_testkit::{repo_root, run, scratch_dir};
 
 const SERVICE_USER: &str = "marengo";
 const MEMBER: &str = "marengo-test-member";
@@ -130,6 +132,98 @@ fn complete_as(user: Option<&str>, address: &str) -> Output {
         .expect("running gdbus")
 }
 
+/// `gdbus monitor --dest org.marengo.Llm1` run as a user, its output read line by line.
+struct Monitor {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Monitor {
+    fn start(user: &str, address: &str) -> Monitor {
+        let mut child = as_user(user)
+            .args(["gdbus", "monitor", "--address", address])
+            .args(["--dest", "org.marengo.Llm1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting gdbus monitor");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (sender, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Monitor {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads the monitor's output until a line starts with `prefix`. The deadline only ends
+    /// the wait for a monitor that hangs; it is not what the test checks.
+    fn wait_for(&mut self, prefix: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.starts_with(prefix);
+                    self.seen.push(line);
+                    if found {
+                        return;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("gdbus monitor did not say {prefix:?}: {}", self.report())
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait().expect("waiting for gdbus monitor");
+                    panic!("gdbus monitor ended ({status}): {}", self.report())
+                }
+            }
+        }
+    }
+
+    /// Stops the monitor, which must still be running, and returns everything it printed.
+    fn stop(mut self) -> String {
+        if let Some(status) = self.child.try_wait().expect("waiting for gdbus monitor") {
+            panic!("gdbus monitor died ({status}): {}", self.report());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.seen.extend(self.lines.try_iter());
+        self.seen.join("\n")
+    }
+
+    /// What the monitor printed and, once it has ended, its standard error.
+    fn report(&mut self) -> String {
+        self.seen.extend(self.lines.try_iter());
+        let mut stderr = String::new();
+        if let Ok(Some(_)) = self.child.try_wait()
+            && let Some(mut pipe) = self.child.stderr.take()
+        {
+            let _ = pipe.read_to_string(&mut stderr);
+        }
+        format!(
+            "its output:\n{}\nits stderr:\n{stderr}",
+            self.seen.join("\n")
+        )
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn as_user(user: &str) -> Command {
     let mut command = Command::new("setpriv");
     command
@@ -149,7 +243,7 @@ fn only_allowed_users_may_call_and_own() {
     ensure_users();
     let dir = scratch_dir("system_bus_policy");
     let bus = Bus::start(&system_like_config(&dir), &dir);
-    let _daemon = Daemon::start_as(&dir, &bus.address, &[], Some(SERVICE_USER));
+    let mut daemon = Daemon::start_as(&dir, &bus.address, &[], Some(SERVICE_USER));
 
     // Allowed: root and the group's member.
     for user in [None, Some(MEMBER)] {
@@ -194,7 +288,7 @@ fn only_allowed_users_may_call_and_own() {
         "{stderr}"
     );
     let output = as_user(OUTSIDER)
-        .arg(dbus_support::binaries::marengoctl())
+        .arg(marengo_testkit::binaries::marengoctl())
         .args(["--address", &bus.address, "status"])
         .output()
         .expect("running marengoctl");
@@ -205,30 +299,23 @@ fn only_allowed_users_may_call_and_own() {
         String::from_utf8_lossy(&output.stderr)
     );
 
-    // The outsider watches the service's signals while the member streams an answer.
-    let monitor = as_user(OUTSIDER)
-        .args([
-            "gdbus",
-            "monitor",
-            "--address",
-            &bus.address,
-            "--dest",
-            "org.marengo.Llm1",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting gdbus monitor");
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // The outsider watches the service's signals while the member streams an answer. gdbus
+    // subscribes to the service's signals before it asks for the name's owner, so once it
+    // reports the owner its match rule is in place.
+    let mut monitor = Monitor::start(OUTSIDER, &bus.address);
+    monitor.wait_for("The name org.marengo.Llm1 is owned by");
     let answer = run(as_user(MEMBER)
-        .arg(dbus_support::binaries::marengoctl())
+        .arg(marengo_testkit::binaries::marengoctl())
         .args(["--address", &bus.address, "generate", "Hello there"])
         .args(["--max-tokens", "12", "--temperature", "0"]));
     assert!(!answer.trim().is_empty(), "the member got no text");
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    run(Command::new("kill").arg(monitor.id().to_string()));
-    let watched = monitor.wait_with_output().expect("reading gdbus monitor");
-    let watched = String::from_utf8_lossy(&watched.stdout);
+    // The bus hands a connection its messages in the order it routes them, and announces the
+    // name's loss after everything the service sent before exiting: once the monitor reports
+    // the owner gone, it has been given every signal of the stream it was allowed to see.
+    let (status, _) = daemon.terminate();
+    assert!(status.success(), "marengod exited with {status}");
+    monitor.wait_for("The name org.marengo.Llm1 does not have an owner");
+    let watched = monitor.stop();
     assert!(
         !watched.contains("org.marengo.Llm1.Token")
             && !watched.contains("org.marengo.Llm1.Finished"),

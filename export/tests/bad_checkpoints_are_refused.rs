@@ -1,12 +1,12 @@
 //! Every kind of bad input is refused with an error that names the file and the tensor or key,
 //! and leaves no bundle behind.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 
+use marengo_testkit::exporter::{convert, marengo_export_fails, tiny_checkpoint};
+use marengo_testkit::files::dir_entries;
+use marengo_testkit::scratch_dir;
 use safetensors::SafeTensors;
-use support::*;
 
 const Q_PROJ: &str = "model.layers.1.self_attn.q_proj.weight";
 

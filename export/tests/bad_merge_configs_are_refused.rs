@@ -2,11 +2,11 @@
 //! be merged, is refused before any tensor is written, with an error that names the key or the
 //! tensor and says what is supported.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 
-use support::*;
+use marengo_testkit::exporter::{marengo_export_fails, synth, tiny_config};
+use marengo_testkit::files::dir_entries;
+use marengo_testkit::{repo_root, scratch_dir};
 
 fn parent(name: &str) -> String {
     repo_root()

@@ -2,16 +2,15 @@
 //! single; bf16 and f32 sources) is a bundle the daemon accepts, and its `model.onnx` is the
 //! graph `ARCHITECTURE.md` promises: names, symbolic dims, opset, external data, FP8 plumbing.
 
-mod support;
-
 use std::collections::HashMap;
 use std::path::Path;
 
 use marengo_bundle::Bundle;
 use marengo_bundle::manifest::{QuantKind, TENSOR_ALIGNMENT, TensorDtype};
 use marengo_bundle::onnx::{AttributeProto, DataType, Dim, ModelProto, NodeProto};
+use marengo_testkit::exporter::{convert, tiny_checkpoint};
+use marengo_testkit::{repo_root, scratch_dir};
 use prost::Message;
-use support::*;
 
 fn attr<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
     node.attribute.iter().find(|a| a.name == name)

@@ -1,13 +1,15 @@
 //! An export either produces a complete bundle at the target or nothing there: a full disk, a
 //! killed exporter or an existing bundle never leave a half-written directory that looks like one.
 
-mod support;
-
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use support::*;
+use marengo_testkit::exporter::{
+    convert, marengo_export, marengo_export_fails, tiny_checkpoint, tokenizer_fixture,
+};
+use marengo_testkit::files::{dir_entries, sha256_file};
+use marengo_testkit::scratch_dir;
 
 /// Linux's signal number for "file size limit exceeded" (the same on x86-64 and arm64).
 const SIGXFSZ: i32 = 25;

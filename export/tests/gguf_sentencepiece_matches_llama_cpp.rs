@@ -2,10 +2,9 @@
 //! v0.1's vocabulary as a vocabulary-only GGUF, and the ids llama.cpp gave for a corpus
 //! (`tests/fixtures/gguf/make_spm_vocab.py`).
 
-use std::path::PathBuf;
-
 use marengo_export::gguf::GgufFile;
 use marengo_export::gguf::tokenizer::GgufTokenizer;
+use marengo_testkit::fixtures;
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -21,7 +20,7 @@ struct Case {
 
 #[test]
 fn sentencepiece_vocabulary_tokenizes_as_llama_cpp() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gguf");
+    let dir = fixtures().join("gguf");
     let fixture: Fixture =
         serde_json::from_slice(&std::fs::read(dir.join("spm_tokenization.json")).unwrap()).unwrap();
     let file = GgufFile::open(&dir.join("mistral-spm-vocab.gguf")).unwrap();

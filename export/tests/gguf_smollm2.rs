@@ -14,6 +14,7 @@ use marengo_export::checkpoint::gguf::GgufCheckpoint;
 use marengo_export::convert::{ConvertOptions, convert};
 use marengo_export::gguf::GgufFile;
 use marengo_export::gguf::tokenizer::GgufTokenizer;
+use marengo_testkit::fixtures;
 use serde::Deserialize;
 
 fn smollm2_gguf() -> PathBuf {
@@ -40,7 +41,7 @@ fn smollm2_gguf() -> PathBuf {
 }
 
 fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/smollm2")
+    fixtures().join("smollm2")
 }
 
 #[derive(Deserialize)]

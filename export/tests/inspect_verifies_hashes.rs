@@ -1,11 +1,11 @@
 //! `marengo-export inspect` shows the manifest and tensor table, and `--verify` catches content
 //! that changed without changing size (which `Bundle::open` alone cannot see).
 
-mod support;
-
 use std::io::{Seek, SeekFrom, Write};
 
-use support::*;
+use marengo_testkit::exporter::{convert, marengo_export, marengo_export_fails, tiny_checkpoint};
+use marengo_testkit::files::sha256_file;
+use marengo_testkit::scratch_dir;
 
 #[test]
 fn inspect_lists_tensors_and_verify_catches_a_flipped_byte() {

@@ -12,15 +12,14 @@
 //! References: `tests/fixtures/merge/coefficients.json`, computed by torch with mergekit's own
 //! code (`tests/python/make_merge_refs.py`).
 
-mod support;
-
 use std::path::Path;
 
 use marengo_export::checkpoint::CheckpointSource;
 use marengo_export::checkpoint::hf_dir::HfCheckpoint;
 use marengo_export::merge::slerp::{Operand, Slerp};
+use marengo_testkit::exporter::synth;
+use marengo_testkit::{repo_root, scratch_dir};
 use serde_json::Value;
-use support::*;
 
 fn bits(value: &Value, key: &str) -> u32 {
     let hex = value[key]

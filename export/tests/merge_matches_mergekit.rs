@@ -4,15 +4,15 @@
 //! output, and a pair whose largest tensors span two of mergekit's chunks. `convert --merge`
 //! gives the same bundle as converting the written merge.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use marengo_testkit::exporter::{convert, marengo_export, synth};
+use marengo_testkit::files::{dir_entries, sha256_file};
+use marengo_testkit::{repo_root, scratch_dir};
 use safetensors::SafeTensors;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use support::*;
 
 fn fixtures() -> PathBuf {
     repo_root().join("tests/fixtures/merge")

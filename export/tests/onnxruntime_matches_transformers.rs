@@ -3,17 +3,16 @@
 //! goldens (tests/fixtures/golden/, made by make_golden.py), and the FP8 bundles stay within
 //! measured bounds of the f32 bundle.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
-use support::{
-    convert, python_script, read_f32_le, repo_root, sha256_file, synth, tokenizer_fixture,
-};
+use marengo_testkit::exporter::{convert, synth, tokenizer_fixture};
+use marengo_testkit::files::sha256_file;
+use marengo_testkit::onnxruntime::{python_script, read_f32_le};
+use marengo_testkit::repo_root;
 
 /// The f32 export path's quality bar (DESIGN.md): logits within 1e-3 of transformers float32.
 const MAX_ABS_LOGIT_DIFF: f32 = 1e-3;

@@ -1,10 +1,10 @@
 //! Synthesized checkpoints depend only on config, seed and dtype: the golden logits committed
 //! by the fixtures script stay valid on any machine and for any shard count.
 
-mod support;
-
 use marengo_bundle::Bundle;
-use support::*;
+use marengo_testkit::exporter::{convert, synth, tiny_config, tokenizer_fixture};
+use marengo_testkit::files::{dir_entries, sha256_file};
+use marengo_testkit::scratch_dir;
 
 #[test]
 fn same_seed_same_bytes_and_sharding_changes_no_value() {

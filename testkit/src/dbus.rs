@@ -1,8 +1,6 @@
-//! What the D-Bus tests share: a tiny real bundle made by `marengo-export`, a private
-//! `dbus-daemon` started with the test's own config, the real `marengod serve` on it, and a
-//! zbus client that collects a request's stream.
-
-#![allow(dead_code)] // Each test binary compiles this module and uses a different part of it.
+//! The daemon's tests on a private bus: a `dbus-daemon` started with the test's own config, the
+//! real `marengod serve` on it (serving [`tiny_bundle`]`(Kind::Fp8)`), and a zbus client that
+//! collects a request's stream.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -10,78 +8,18 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use marengo::dbus::{BUS_NAME, Llm1Proxy};
+use marengo_client::{BUS_NAME, Llm1Proxy};
 use zbus::message::Type as MessageType;
-#[path = "../support/binaries.rs"]
-pub mod binaries;
-#[path = "../support/command.rs"]
-mod command;
-use binaries::marengo_export;
-pub use command::run;
 use zbus::{
     Connection, MatchRule, MessageStream, ObjectPath, OwnedObjectPath, OwnedVariant, Variant,
 };
 
-pub fn repo_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A fresh, empty directory for one test, readable by other users (the system-bus test runs
-/// the daemon as another user).
-pub fn scratch_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("dbus")
-        .join(name);
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("removing {}: {e}", dir.display()));
-    }
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-    dir
-}
-
-/// A tiny Mistral-shaped FP8 bundle with random weights, the real Mistral tokenizer and its
-/// chat template; made once per test binary by the real exporter. Its text is gibberish but
-/// deterministic under greedy sampling.
-pub fn tiny_bundle() -> &'static Path {
-    static BUNDLE: OnceLock<PathBuf> = OnceLock::new();
-    BUNDLE.get_or_init(|| {
-        let test = std::env::current_exe()
-            .ok()
-            .and_then(|exe| exe.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| "dbus".into());
-        let dir = scratch_dir(&format!("bundle-{test}"));
-        let checkpoint = dir.join("checkpoint");
-        let fixtures = repo_root().join("tests/fixtures");
-        run(Command::new(marengo_export())
-            .arg("synth")
-            .arg("--config")
-            .arg(fixtures.join("tiny/mistral-gqa/config.json"))
-            .arg("--tokenizer")
-            .arg(fixtures.join("mistral-7b-v0.1/tokenizer.json"))
-            .arg("--seed")
-            .arg("11")
-            .arg("--out")
-            .arg(&checkpoint));
-        std::fs::copy(
-            fixtures.join("mistral-7b-v0.1/tokenizer_config.json"),
-            checkpoint.join("tokenizer_config.json"),
-        )
-        .expect("copying tokenizer_config.json into the checkpoint");
-        let bundle = dir.join("bundle");
-        run(Command::new(marengo_export())
-            .arg("convert")
-            .arg(&checkpoint)
-            .arg("--out")
-            .arg(&bundle));
-        // The system-bus test runs the daemon as its own user.
-        run(Command::new("chmod").args(["-R", "a+rX"]).arg(&dir));
-        bundle
-    })
-}
+use crate::binaries::marengod;
+use crate::command::run;
+use crate::tiny::{Kind, tiny_bundle};
 
 /// A private message bus, killed when dropped.
 pub struct Bus {
@@ -181,17 +119,17 @@ impl Daemon {
                     .arg(format!("--reuid={user}"))
                     .arg(format!("--regid={user}"))
                     .args(["--init-groups", "--"])
-                    .arg(env!("CARGO_BIN_EXE_marengod"));
+                    .arg(marengod());
                 setpriv
             }
-            None => Command::new(env!("CARGO_BIN_EXE_marengod")),
+            None => Command::new(marengod()),
         };
         command
             .arg("serve")
             .arg("--config")
             .arg(dir.join("no-config.toml"))
             .arg("--bundle")
-            .arg(tiny_bundle())
+            .arg(tiny_bundle(Kind::Fp8))
             .arg("--address")
             .arg(address)
             .args(extra)
@@ -262,12 +200,14 @@ impl Daemon {
         None
     }
 
-    /// Sends SIGTERM and waits for the exit; returns the exit status and how long it took.
+    /// Sends SIGTERM and waits for the exit; returns the exit status and how long the exit took
+    /// from the signal's delivery (`kill` has returned), not from starting `kill`, which on a
+    /// busy machine can take a while of its own.
     pub fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
-        let start = Instant::now();
         run(Command::new("kill")
             .arg("-TERM")
             .arg(self.pid().to_string()));
+        let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().expect("waiting for marengod") {
                 return (status, start.elapsed());
