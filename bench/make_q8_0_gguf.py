@@ -1,28 +1,46 @@
 #!/usr/bin/env python3
-"""Writes a llama.cpp Q8_0 GGUF of a Mistral-7B-shaped model with random weights: the llama.cpp
-side of `bench/side-by-side.sh`, whose FP8 bundle marengo-export makes from this same file, so both
-engines read the same weights.
+"""Writes a llama.cpp Q8_0 GGUF of a model shape with random weights: the llama.cpp side of
+`bench/side-by-side.sh`, whose FP8 bundle marengo-export makes from this same file, so both engines
+read the same weights.
 
 Speed does not depend on the weights' values, only on the shape and the format, so the weights are
-random Q8_0 blocks (one f16 scale, 32 int8) and the norms are ones. The vocabulary is Mistral-7B
-v0.1's sentencepiece vocabulary, copied from tests/fixtures/gguf/mistral-spm-vocab.gguf, so that
-llama.cpp loads the file as it would a converted Mistral.
+random Q8_0 blocks (one f16 scale, 32 int8) and the norms are ones. The tokenizer is copied from
+another GGUF (`--vocab`, by default Mistral-7B v0.1's sentencepiece vocabulary in
+tests/fixtures/gguf/mistral-spm-vocab.gguf; SmolLM2's shape takes SmolLM2's own GGUF, whose 49152
+tokens are a fifth of its weights), so that llama.cpp loads the file as it would a converted model.
 
-    python bench/make_q8_0_gguf.py OUT.gguf [--shape mistral-7b|small] [--seed N]
+    python bench/make_q8_0_gguf.py OUT.gguf [--shape smollm2-135m|tinyllama-1.1b|mistral-7b|small]
+        [--vocab GGUF] [--seed N]
 """
 
 import argparse
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
 
 VOCAB = Path(__file__).resolve().parent.parent / "tests/fixtures/gguf/mistral-spm-vocab.gguf"
 SHAPES = {
+    # SmolLM2-135M(-Instruct): head_dim 64, the LM head tied to the embedding.
+    "smollm2-135m": dict(
+        hidden=576, ffn=1536, layers=30, heads=9, kv_heads=3, context=8192, vocab=49152,
+        rope_base=100000.0, tied=True,
+    ),
+    # TinyLlama-1.1B: head_dim 64.
+    "tinyllama-1.1b": dict(
+        hidden=2048, ffn=5632, layers=22, heads=32, kv_heads=4, context=2048, vocab=32000,
+        rope_base=10000.0, tied=False,
+    ),
     # Mistral-7B v0.1 / Marengoli_7B_SLERP.
-    "mistral-7b": dict(hidden=4096, ffn=14336, layers=32, heads=32, kv_heads=8, context=4096),
-    # Same widths, two layers: for a quick check of the script itself.
-    "small": dict(hidden=4096, ffn=14336, layers=2, heads=32, kv_heads=8, context=4096),
+    "mistral-7b": dict(
+        hidden=4096, ffn=14336, layers=32, heads=32, kv_heads=8, context=4096, vocab=32000,
+        rope_base=10000.0, tied=False,
+    ),
+    # Mistral's widths, two layers: for a quick check of the script itself.
+    "small": dict(
+        hidden=4096, ffn=14336, layers=2, heads=32, kv_heads=8, context=4096, vocab=32000,
+        rope_base=10000.0, tied=False,
+    ),
 }
 BLOCK = 32
 BLOCK_BYTES = 2 + BLOCK
@@ -42,11 +60,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--shape", choices=SHAPES, default="mistral-7b")
+    parser.add_argument("--vocab", type=Path, default=VOCAB, help="GGUF whose tokenizer is copied")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     s = SHAPES[args.shape]
     head_dim = s["hidden"] // s["heads"]
-    vocab = GGUFReader(VOCAB)
+    vocab = GGUFReader(args.vocab)
+    n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].contents())
+    if n_vocab != s["vocab"]:
+        parser.error(f"{args.shape} has {s['vocab']} tokens, {args.vocab} {n_vocab}")
 
     w = GGUFWriter(str(args.out), arch="llama")
     w.add_name(f"random {args.shape} Q8_0")
@@ -57,19 +79,13 @@ def main() -> None:
     w.add_head_count(s["heads"])
     w.add_head_count_kv(s["kv_heads"])
     w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(s["rope_base"])
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(LlamaFileType.MOSTLY_Q8_0)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(vocab.fields["tokenizer.ggml.tokens"].contents())
-    w.add_token_scores(vocab.fields["tokenizer.ggml.scores"].contents())
-    w.add_token_types(vocab.fields["tokenizer.ggml.token_type"].contents())
-    w.add_bos_token_id(vocab.fields["tokenizer.ggml.bos_token_id"].contents())
-    w.add_eos_token_id(vocab.fields["tokenizer.ggml.eos_token_id"].contents())
-    w.add_unk_token_id(vocab.fields["tokenizer.ggml.unknown_token_id"].contents())
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].contents())
+    for key, field in vocab.fields.items():
+        if key.startswith("tokenizer."):
+            sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+            w.add_key_value(key, field.contents(), field.types[0], sub_type)
 
     # (name, rows, cols) for Q8_0 matrices, (name, length) for f32 norms, in file order.
     hidden, kv = s["hidden"], s["kv_heads"] * head_dim
@@ -87,7 +103,9 @@ def main() -> None:
             (p + "ffn_up.weight", s["ffn"], hidden),
             (p + "ffn_down.weight", hidden, s["ffn"]),
         ]
-    tensors += [("output_norm.weight", hidden), ("output.weight", n_vocab, hidden)]
+    tensors += [("output_norm.weight", hidden)]
+    if not s["tied"]:
+        tensors += [("output.weight", n_vocab, hidden)]
 
     for t in tensors:
         if len(t) == 3:

@@ -1,43 +1,57 @@
 #!/usr/bin/env bash
-# marengo against llama.cpp on the same machine, threads and weights: a random Mistral-7B-shaped
-# model written once as a llama.cpp Q8_0 GGUF (bench/make_q8_0_gguf.py) and exported from that
-# file by marengo-export to an FP8 bundle; marengo-bench then measures both (llama.cpp through
-# bench/llama_bench.py) and prints the ratios.
+# marengo against llama.cpp's own llama-bench, on the same machine, threads and weights, at three
+# model sizes. Each shape (SmolLM2-135M, TinyLlama-1.1B, Mistral-7B) is written once with random
+# weights as a llama.cpp Q8_0 GGUF (bench/make_q8_0_gguf.py) and exported from that file by
+# marengo-export to an FP8 bundle. For each size, in the same minutes: llama-bench's prompt runs,
+# marengo-bench, llama-bench's decode runs; then a table (bench/side_by_side_report.py) of decode
+# tok/s at positions 16 and 1024, the time of 5-, 32-, 128- and 512-token prompts, the ratios
+# marengo / llama.cpp, and decode's fraction of the measured read bandwidth.
 #
-#   bench/side-by-side.sh [WORK_DIR] [marengo-bench options]
-#   e.g. bench/side-by-side.sh /var/tmp/marengo-bench --prompt-tokens 512 --decode-tokens 16
+#   bench/side-by-side.sh [WORK_DIR]
+#   e.g. SHAPES=smollm2-135m bench/side-by-side.sh /var/tmp/side-by-side
 #
-# Needs about 16 GB of disk in WORK_DIR (default: target/side-by-side) and as much free memory
-# for the page cache if the figures are to be memory-bound rather than disk-bound. llama.cpp is
-# built from llama-cpp-python's source for this CPU (-march=native, a few minutes on 2 cores),
-# without AMX: the tile instructions fault where the kernel or hypervisor does not enable them.
-# SHAPE=small makes a 2-layer model instead, to check the script in a minute.
+# SHAPES (default: smollm2-135m tinyllama-1.1b mistral-7b), THREADS (2), REPS (3: repetitions of
+# each figure on both sides, averaged), LLAMA_DIR (llama.cpp's build, /work/llama). llama.cpp is
+# built from the llama-cpp-python sdist by bench/build-llama-cpp.sh (once; a long build on two
+# cores). The 7B shape needs about 16 GB of disk in WORK_DIR (default: target/side-by-side) and as
+# much free memory for the page cache if the figures are to be memory-bound rather than disk-bound.
+# SmolLM2's shape copies the tokenizer of SmolLM2's GGUF (.ci/smollm2.sh fetches it once).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="${1:-$repo/target/side-by-side}"
-shift || true
-shape="${SHAPE:-mistral-7b}"
+shapes="${SHAPES:-smollm2-135m tinyllama-1.1b mistral-7b}"
 threads="${THREADS:-2}"
-venv="$work/llama-venv"
-gguf="$work/$shape-q8_0.gguf"
-bundle="$work/$shape-fp8"
+reps="${REPS:-3}"
+prompts=5,32,128,512
+decode_tokens=16
+short=16
+long=1024
 mkdir -p "$work"
 
-if ! "$venv/bin/python" -c 'import llama_cpp, gguf, numpy' 2>/dev/null; then
-    python3 -m venv "$venv"
-    no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-    CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$no_amx' -DCMAKE_CXX_FLAGS='$no_amx'" \
-        CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-        "$venv/bin/pip" install --no-cache-dir -r "$repo/bench/requirements.txt"
-fi
-"$venv/bin/python" -c 'import llama_cpp; print("llama.cpp:", llama_cpp.llama_print_system_info().decode())'
-
+eval "$("$repo/bench/build-llama-cpp.sh" "${LLAMA_DIR:-/work/llama}" | tail -n 4)"
+echo "llama.cpp: $LLAMA_VERSION ($LLAMA_BIN)"
 (cd "$repo" && cargo build --release -p marengo-export -p marengo --bin marengo-export --bin marengo-bench)
 target="${CARGO_TARGET_DIR:-$repo/target}/release"
-[[ -f "$gguf" ]] || "$venv/bin/python" "$repo/bench/make_q8_0_gguf.py" "$gguf" --shape "$shape"
-[[ -f "$bundle/bundle.json" ]] || "$target/marengo-export" convert --gguf "$gguf" --out "$bundle"
 
-# llama_bench.py runs with the venv's python3 (its #! line looks python3 up on PATH).
-PATH="$venv/bin:$PATH" "$target/marengo-bench" --bundle "$bundle" --threads "$threads" \
-    --long-position 0 --llama-bench "$repo/bench/llama_bench.py" --llama-model "$gguf" "$@"
+for shape in $shapes; do
+    gguf="$work/$shape-q8_0.gguf"
+    bundle="$work/$shape-fp8"
+    runs="$work/$shape-runs"
+    vocab=()
+    [[ "$shape" == smollm2-135m ]] && vocab=(--vocab "$("$repo/.ci/smollm2.sh")")
+    [[ -f "$gguf" ]] || "$LLAMA_PYTHON" "$repo/bench/make_q8_0_gguf.py" "$gguf" --shape "$shape" "${vocab[@]}"
+    [[ -f "$bundle/bundle.json" ]] || "$target/marengo-export" convert --gguf "$gguf" --out "$bundle"
+    mkdir -p "$runs"
+
+    "$LLAMA_BIN/llama-bench" -m "$gguf" -t "$threads" -r "$reps" -p "$prompts" -n 0 -o json \
+        >"$runs/llama-prompt.json"
+    "$target/marengo-bench" --bundle "$bundle" --threads "$threads" --repetitions "$reps" --warmup \
+        --prompt-tokens "$prompts" --decode-tokens "$decode_tokens" \
+        --short-position "$short" --long-position "$long" | tail -n 1 >"$runs/marengo.json"
+    "$LLAMA_BIN/llama-bench" -m "$gguf" -t "$threads" -r "$reps" -p 0 -n "$decode_tokens" \
+        -d "$short,$long" -o json >"$runs/llama-decode.json"
+
+    "$LLAMA_PYTHON" "$repo/bench/side_by_side_report.py" "$shape" "$gguf" \
+        "$runs/llama-prompt.json" "$runs/llama-decode.json" "$runs/marengo.json"
+done

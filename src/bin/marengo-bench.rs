@@ -2,15 +2,14 @@
 //!
 //! Decode is a chain of matrix-vector products over every weight, so its ceiling is
 //! (bytes of weights read per token) ÷ (memory read bandwidth). The benchmark measures
-//! both in the same run, prefill and decode speeds (decode at a short and a long position,
-//! which shows whether the KV cache is copied per token), resident memory split into
-//! anonymous and file-backed, and, when given a llama.cpp `llama-bench` and a GGUF of the
-//! same shape, llama.cpp's figures from the same machine and thread count.
+//! both in the same run, prefill speed and time at one or more prompt lengths, decode speed
+//! (at a short and a long position, which shows whether the KV cache is copied per token) and
+//! resident memory split into anonymous and file-backed. `bench/side-by-side.sh` runs it
+//! interleaved with llama.cpp's own `llama-bench` and prints the ratios.
 //!
 //! A benchmark prints figures; it asserts nothing.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -31,9 +30,9 @@ struct Args {
     bundle: PathBuf,
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// Prompt length for the prefill measurement.
-    #[arg(long, default_value_t = 512)]
-    prompt_tokens: usize,
+    /// Prompt lengths for the prefill measurement, each from an empty cache (e.g. 5,32,128,512).
+    #[arg(long, value_delimiter = ',', default_value = "512")]
+    prompt_tokens: Vec<usize>,
     /// Tokens decoded at each position.
     #[arg(long, default_value_t = 16)]
     decode_tokens: usize,
@@ -46,12 +45,25 @@ struct Args {
     /// Bytes read to measure the memory read bandwidth.
     #[arg(long, default_value_t = 1 << 30)]
     bandwidth_bytes: usize,
-    /// llama.cpp's `llama-bench`, for a side-by-side run.
-    #[arg(long, requires = "llama_model")]
-    llama_bench: Option<PathBuf>,
-    /// The GGUF (e.g. Q8_0 of the same shape) for `llama-bench`.
-    #[arg(long, requires = "llama_bench")]
-    llama_model: Option<PathBuf>,
+    /// Measurements of each figure, averaged (as llama-bench's `-r`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    repetitions: u32,
+    /// A short prompt and a decode step before measuring, so that the first measurement does
+    /// not pay for first-touch page faults on the weights (as llama-bench's warm-up run).
+    #[arg(long)]
+    warmup: bool,
+}
+
+/// One prompt length's prefill, from an empty cache.
+struct Prefill {
+    tokens: usize,
+    seconds: f64,
+}
+
+impl Prefill {
+    fn tokens_per_s(&self) -> f64 {
+        self.tokens as f64 / self.seconds
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -75,43 +87,58 @@ fn main() -> anyhow::Result<()> {
     let bandwidth = marengo::kernels::measure_read_bandwidth(args.bandwidth_bytes);
 
     let mut tokens = Lcg(0x5eed);
-    let prompt: Vec<u32> = (0..args.prompt_tokens)
-        .map(|_| tokens.next(vocab))
-        .collect();
     let mut session = engine.new_model_session()?;
-    let t = Instant::now();
-    session.feed(&prompt)?;
-    let prefill = args.prompt_tokens as f64 / t.elapsed().as_secs_f64();
-    let after_prefill = MemoryUsage::current().unwrap_or_default();
-    let kv_after_prefill = kv_cache_bytes(manifest, args.prompt_tokens);
-
-    session.reset()?;
-    let warm: Vec<u32> = (0..args.short_position)
-        .map(|_| tokens.next(vocab))
-        .collect();
-    session.feed(&warm)?;
-    let decode_short = decode(&mut session, &mut tokens, vocab, args.decode_tokens)?;
-
-    let decode_long = if args.long_position > 0 {
-        if args.long_position + args.decode_tokens > context {
-            bail!(
-                "--long-position {} + decode tokens exceed the context of {context}",
-                args.long_position
-            );
+    if args.warmup {
+        let warm: Vec<u32> = (0..8).map(|_| tokens.next(vocab)).collect();
+        session.feed(&warm)?;
+        session.feed(&[tokens.next(vocab)])?;
+        session.reset()?;
+    }
+    let mut prefills = Vec::new();
+    let (mut after_prefill, mut kv_after_prefill) = (MemoryUsage::default(), 0);
+    for &length in &args.prompt_tokens {
+        let mut seconds = 0.0;
+        for _ in 0..args.repetitions {
+            let prompt: Vec<u32> = (0..length).map(|_| tokens.next(vocab)).collect();
+            let t = Instant::now();
+            session.feed(&prompt)?;
+            seconds += t.elapsed().as_secs_f64();
+            after_prefill = MemoryUsage::current().unwrap_or_default();
+            kv_after_prefill = kv_cache_bytes(manifest, length);
+            session.reset()?;
         }
-        let fill: Vec<u32> = (session.cached().len()..args.long_position)
+        prefills.push(Prefill {
+            tokens: length,
+            seconds: seconds / f64::from(args.repetitions),
+        });
+    }
+    let prefill = prefills.last().map_or(0.0, Prefill::tokens_per_s);
+
+    if args.long_position > 0 && args.long_position + args.decode_tokens > context {
+        bail!(
+            "--long-position {} + decode tokens exceed the context of {context}",
+            args.long_position
+        );
+    }
+    let (mut decode_short, mut decode_long_sum) = (0.0, 0.0);
+    for _ in 0..args.repetitions {
+        session.reset()?;
+        let warm: Vec<u32> = (0..args.short_position)
             .map(|_| tokens.next(vocab))
             .collect();
-        session.feed(&fill)?;
-        Some(decode(
-            &mut session,
-            &mut tokens,
-            vocab,
-            args.decode_tokens,
-        )?)
-    } else {
-        None
-    };
+        session.feed(&warm)?;
+        decode_short += decode(&mut session, &mut tokens, vocab, args.decode_tokens)?;
+        if args.long_position > 0 {
+            let fill: Vec<u32> = (session.cached().len()..args.long_position)
+                .map(|_| tokens.next(vocab))
+                .collect();
+            session.feed(&fill)?;
+            decode_long_sum += decode(&mut session, &mut tokens, vocab, args.decode_tokens)?;
+        }
+    }
+    let decode_short = decode_short / f64::from(args.repetitions);
+    let decode_long =
+        (args.long_position > 0).then(|| decode_long_sum / f64::from(args.repetitions));
     let memory = MemoryUsage::current().unwrap_or_default();
 
     let fraction = bytes_per_token as f64 * decode_short / bandwidth;
@@ -128,10 +155,14 @@ fn main() -> anyhow::Result<()> {
         "decode ceiling        {:.2} tok/s",
         bandwidth / bytes_per_token as f64
     );
-    println!(
-        "prefill               {prefill:.2} tok/s ({} tokens)",
-        args.prompt_tokens
-    );
+    for p in &prefills {
+        println!(
+            "prefill               {:.2} tok/s ({} tokens in {:.3} s)",
+            p.tokens_per_s(),
+            p.tokens,
+            p.seconds
+        );
+    }
     println!(
         "decode @{:<5}         {decode_short:.2} tok/s = {:.3} of bandwidth",
         args.short_position, fraction
@@ -156,12 +187,23 @@ fn main() -> anyhow::Result<()> {
         mib(memory.file)
     );
 
-    let mut report = serde_json::json!({
+    let prompts: Vec<serde_json::Value> = prefills
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "tokens": p.tokens,
+                "seconds": p.seconds,
+                "tokens_per_s": p.tokens_per_s(),
+            })
+        })
+        .collect();
+    let report = serde_json::json!({
         "load_s": load_s,
         "threads": args.threads,
         "weight_bytes_per_token": bytes_per_token,
         "read_bandwidth_bytes_per_s": bandwidth,
         "prefill_tokens_per_s": prefill,
+        "prefills": prompts,
         "decode_tokens_per_s": decode_short,
         "decode_position": args.short_position,
         "decode_fraction_of_bandwidth": fraction,
@@ -172,26 +214,6 @@ fn main() -> anyhow::Result<()> {
         "kv_cache_after_prefill_bytes": kv_after_prefill,
         "file_rss_bytes": memory.file,
     });
-    if let (Some(bench), Some(model)) = (&args.llama_bench, &args.llama_model) {
-        let (pp, tg) = llama_bench(
-            bench,
-            model,
-            args.threads,
-            args.prompt_tokens,
-            args.decode_tokens,
-            args.short_position,
-        )?;
-        println!(
-            "llama.cpp prefill     {pp:.2} tok/s → marengo/llama.cpp {:.2}",
-            prefill / pp
-        );
-        println!(
-            "llama.cpp decode      {tg:.2} tok/s → marengo/llama.cpp {:.2}",
-            decode_short / tg
-        );
-        report["llama_cpp_prefill_tokens_per_s"] = pp.into();
-        report["llama_cpp_decode_tokens_per_s"] = tg.into();
-    }
     println!("{report}");
     Ok(())
 }
@@ -243,55 +265,6 @@ fn kv_cache_bytes(manifest: &Manifest, positions: usize) -> u64 {
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
-}
-
-/// Runs llama.cpp's `llama-bench` (or `bench/llama_bench.py`, which takes the same options) and
-/// returns (prefill, decode) tokens/s, decode after `depth` tokens as marengo's is.
-fn llama_bench(
-    bench: &Path,
-    model: &Path,
-    threads: usize,
-    prompt: usize,
-    generated: usize,
-    depth: usize,
-) -> anyhow::Result<(f64, f64)> {
-    let output = Command::new(bench)
-        .args([
-            "-m",
-            &model.display().to_string(),
-            "-t",
-            &threads.to_string(),
-        ])
-        .args([
-            "-p",
-            &prompt.to_string(),
-            "-n",
-            &generated.to_string(),
-            "-d",
-            &depth.to_string(),
-            "-o",
-            "json",
-        ])
-        .output()
-        .with_context(|| format!("running {}", bench.display()))?;
-    if !output.status.success() {
-        bail!(
-            "{} failed: {}",
-            bench.display(),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let runs: serde_json::Value =
-        serde_json::from_slice(&output.stdout).context("llama-bench JSON")?;
-    let speed = |key: &str| -> anyhow::Result<f64> {
-        runs.as_array()
-            .into_iter()
-            .flatten()
-            .find(|r| r[key].as_u64().unwrap_or(0) > 0)
-            .and_then(|r| r["avg_ts"].as_f64())
-            .with_context(|| format!("llama-bench reported no {key} run"))
-    };
-    Ok((speed("n_prompt")?, speed("n_gen")?))
 }
 
 /// A fixed token stream: the benchmark's inputs are the same on every run.
