@@ -252,7 +252,7 @@ fn a_graph_disagreeing_with_the_tensor_table_is_refused() {
     use marengo_bundle::onnx::ModelProto;
     use prost::Message;
 
-    let original = dbus_support::tiny_bundle();
+    let original = tiny_bundle(Kind::Fp8);
     let scratch = tempfile::tempdir().expect("scratch dir");
     let bytes = std::fs::read(original.join("model.onnx")).expect("model.onnx");
     let mut model = ModelProto::decode(bytes.as_slice()).expect("the exported graph decodes");
