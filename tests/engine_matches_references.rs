@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use marengo::engine::{Engine, EngineOptions};
-use marengo::session::Session;
+use marengo::sequence::Sequence;
 use safetensors::SafeTensors;
 
 #[path = "support/binaries.rs"]
@@ -120,7 +120,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn greedy(session: &mut Session, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+fn greedy(session: &mut Sequence, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
     let mut logits = session.feed(prompt).expect("prefill");
     let mut tokens = Vec::new();
     let mut all = Vec::new();
