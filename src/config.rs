@@ -8,6 +8,46 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// The defaults of the settings: the one table that the settings file, `marengod serve
+/// --help` and the code use. `packaging/marengod.toml` shows them as its commented values; a
+/// test checks that it states exactly these.
+pub mod defaults {
+    /// Key `bus`.
+    pub const BUS: &str = "system";
+    /// Key `threads`; 0 is one per core.
+    pub const THREADS: usize = 0;
+    /// Key `queue_capacity`.
+    pub const QUEUE_CAPACITY: usize = 16;
+    /// Key `max_queued_per_client`.
+    pub const MAX_QUEUED_PER_CLIENT: usize = 8;
+    /// Key `default_max_tokens`.
+    pub const DEFAULT_MAX_TOKENS: u32 = 512;
+    /// Key `idle_unload_secs`; 0 never unloads.
+    pub const IDLE_UNLOAD_SECS: u64 = 0;
+    /// Key `verify_hashes`.
+    pub const VERIFY_HASHES: bool = false;
+    /// Key `log_level`.
+    pub const LOG_LEVEL: &str = "info";
+
+    /// Every key that has a default, with its value as the settings file writes it.
+    pub fn table() -> Vec<(&'static str, toml::Value)> {
+        vec![
+            ("bus", BUS.into()),
+            ("threads", count(THREADS)),
+            ("queue_capacity", count(QUEUE_CAPACITY)),
+            ("max_queued_per_client", count(MAX_QUEUED_PER_CLIENT)),
+            ("default_max_tokens", DEFAULT_MAX_TOKENS.into()),
+            ("idle_unload_secs", count(IDLE_UNLOAD_SECS as usize)),
+            ("verify_hashes", VERIFY_HASHES.into()),
+            ("log_level", LOG_LEVEL.into()),
+        ]
+    }
+
+    fn count(n: usize) -> toml::Value {
+        toml::Value::Integer(i64::try_from(n).unwrap_or(i64::MAX))
+    }
+}
+
 /// Where the system service looks for its settings when `--config` is not given.
 pub const SYSTEM_CONFIG_PATH: &str = "/etc/marengo/marengod.toml";
 
@@ -46,9 +86,11 @@ pub struct ConfigFile {
     /// A D-Bus address; takes precedence over `bus`.
     pub address: Option<String>,
     pub threads: Option<usize>,
-    /// Requests that may wait, over all clients (the key the packaged example documents).
-    #[serde(rename = "queue_length")]
+    /// Requests that may wait, over all clients.
     pub queue_capacity: Option<usize>,
+    /// The former name of `queue_capacity`, still read from installed files (with a warning):
+    /// it read like the number waiting, which the D-Bus property `QueueLength` reports.
+    pub queue_length: Option<usize>,
     pub max_queued_per_client: Option<usize>,
     pub default_max_tokens: Option<u32>,
     pub idle_unload_secs: Option<u64>,
@@ -74,6 +116,8 @@ pub struct Config {
     pub idle_unload_secs: Option<u64>,
     pub verify_hashes: bool,
     pub log_level: String,
+    /// Deprecated settings that were used, to be logged once logging is set up.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +172,34 @@ impl ConfigFile {
             (None, Some(bus), ..) => parse_bus(&bus, path)?,
             (None, None, Some(address), _) => BusChoice::Address(address),
             (None, None, None, Some(bus)) => parse_bus(&bus, path)?,
-            (None, None, None, None) => BusChoice::System,
+            (None, None, None, None) => parse_bus(defaults::BUS, path)?,
+        };
+        let mut warnings = Vec::new();
+        let (queue_capacity_key, queue_capacity) = match (
+            overrides.queue_capacity,
+            overrides.queue_length,
+            self.queue_capacity,
+            self.queue_length,
+        ) {
+            (Some(n), ..) => ("queue_capacity", Some(n)),
+            (None, Some(n), ..) => {
+                warnings.push(
+                    "--queue-length is deprecated: it sets the queue's capacity; use \
+                     --queue-capacity"
+                        .to_owned(),
+                );
+                ("queue_length", Some(n))
+            }
+            (None, None, Some(n), _) => ("queue_capacity", Some(n)),
+            (None, None, None, Some(n)) => {
+                warnings.push(format!(
+                    "{}: key `queue_length` is deprecated: it sets the queue's capacity; \
+                     rename it `queue_capacity`",
+                    path.display()
+                ));
+                ("queue_length", Some(n))
+            }
+            (None, None, None, None) => ("queue_capacity", None),
         };
         let config = Config {
             bundle: overrides
@@ -138,37 +209,44 @@ impl ConfigFile {
                     path: path.to_owned(),
                 })?,
             bus,
-            threads: overrides.threads.or(self.threads).filter(|&t| t > 0),
-            queue_capacity: overrides
-                .queue_capacity
-                .or(self.queue_capacity)
-                .unwrap_or(16),
+            threads: Some(
+                overrides
+                    .threads
+                    .or(self.threads)
+                    .unwrap_or(defaults::THREADS),
+            )
+            .filter(|&t| t > 0),
+            queue_capacity: queue_capacity.unwrap_or(defaults::QUEUE_CAPACITY),
             max_queued_per_client: overrides
                 .max_queued_per_client
                 .or(self.max_queued_per_client)
-                .unwrap_or(8),
+                .unwrap_or(defaults::MAX_QUEUED_PER_CLIENT),
             default_max_tokens: overrides
                 .default_max_tokens
                 .or(self.default_max_tokens)
-                .unwrap_or(512),
-            idle_unload_secs: overrides
-                .idle_unload_secs
-                .or(self.idle_unload_secs)
-                .filter(|&s| s > 0),
+                .unwrap_or(defaults::DEFAULT_MAX_TOKENS),
+            idle_unload_secs: Some(
+                overrides
+                    .idle_unload_secs
+                    .or(self.idle_unload_secs)
+                    .unwrap_or(defaults::IDLE_UNLOAD_SECS),
+            )
+            .filter(|&s| s > 0),
             verify_hashes: overrides
                 .verify_hashes
                 .or(self.verify_hashes)
-                .unwrap_or(false),
+                .unwrap_or(defaults::VERIFY_HASHES),
             log_level: overrides
                 .log_level
                 .or(self.log_level)
-                .unwrap_or_else(|| "info".to_owned()),
+                .unwrap_or_else(|| defaults::LOG_LEVEL.to_owned()),
+            warnings,
         };
         if !["error", "warn", "info", "debug", "trace"].contains(&config.log_level.as_str()) {
             return Err(ConfigError::LogLevel(config.log_level));
         }
         for (key, value) in [
-            ("queue_length", config.queue_capacity),
+            (queue_capacity_key, config.queue_capacity),
             ("max_queued_per_client", config.max_queued_per_client),
             ("default_max_tokens", config.default_max_tokens as usize),
         ] {
@@ -240,6 +318,85 @@ mod tests {
             .resolve(ConfigFile::default(), Path::new("f.toml"))
             .unwrap_err();
         assert!(err.to_string().contains("queue_length"), "{err}");
+    }
+
+    #[test]
+    fn queue_length_is_read_as_the_capacity_with_a_warning() {
+        let config = parse("bundle = \"/a\"\nqueue_length = 5\n")
+            .unwrap()
+            .resolve(ConfigFile::default(), Path::new("f.toml"))
+            .unwrap();
+        assert_eq!(config.queue_capacity, 5);
+        assert!(
+            config.warnings[0].contains("queue_capacity"),
+            "{:?}",
+            config.warnings
+        );
+        let config = parse("bundle = \"/a\"\nqueue_capacity = 6\n")
+            .unwrap()
+            .resolve(ConfigFile::default(), Path::new("f.toml"))
+            .unwrap();
+        assert_eq!(config.queue_capacity, 6);
+        assert!(config.warnings.is_empty());
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let config = parse("bundle = \"/a\"\n")
+            .unwrap()
+            .resolve(ConfigFile::default(), Path::new("f.toml"))
+            .unwrap();
+        assert_eq!(config.bus, BusChoice::System);
+        assert_eq!(config.threads, None);
+        assert_eq!(config.queue_capacity, defaults::QUEUE_CAPACITY);
+        assert_eq!(
+            config.max_queued_per_client,
+            defaults::MAX_QUEUED_PER_CLIENT
+        );
+        assert_eq!(config.default_max_tokens, defaults::DEFAULT_MAX_TOKENS);
+        assert_eq!(config.idle_unload_secs, None);
+        assert_eq!(config.verify_hashes, defaults::VERIFY_HASHES);
+        assert_eq!(config.log_level, defaults::LOG_LEVEL);
+    }
+
+    /// `packaging/marengod.toml` says its commented `#key = value` lines are the defaults.
+    #[test]
+    fn packaged_settings_file_states_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/marengod.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let table = defaults::table();
+        let mut documented = Vec::new();
+        for line in text.lines() {
+            let Some(setting) = line.strip_prefix('#') else {
+                continue;
+            };
+            if !setting.starts_with(|c: char| c.is_ascii_lowercase()) {
+                continue;
+            }
+            let parsed: toml::Table = toml::from_str(setting)
+                .unwrap_or_else(|e| panic!("{}: {line:?} is not a setting: {e}", path.display()));
+            for (key, value) in parsed {
+                let default = table
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .unwrap_or_else(|| panic!("{line:?}: `{key}` has no default in the table"));
+                assert_eq!(&value, &default.1, "{line:?}: the default of `{key}`");
+                documented.push(key);
+            }
+        }
+        for (key, _) in &table {
+            assert!(
+                documented.iter().any(|k| k == key),
+                "`{key}` is not in {}",
+                path.display()
+            );
+        }
+        // Every default names a key the file may set.
+        let keys = table
+            .iter()
+            .map(|(key, value)| format!("{key} = {value}\n"))
+            .collect::<String>();
+        parse(&keys).unwrap();
     }
 
     #[test]

@@ -1,54 +1,62 @@
-//! The generation API: a loaded model ([`Engine`]) and the conversations run on it
-//! ([`Session`]). This is the boundary the D-Bus layer and the offline `generate` command
-//! call; neither sees tract or tensors.
+//! The weights side of a model ([`Engine`]: the mapped weights, the tract model and its plan)
+//! and the conversations run on it ([`Conversation`]). This is the boundary the scheduler and
+//! the offline `generate` command call; neither sees tract or tensors.
+//!
+//! The engine shares the bundle's [`TextSide`] but does not own it: the daemon drops the engine
+//! when idle, unmapping the weights, and keeps the text side, which answers everything that
+//! does not run the model.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::chat::ChatTemplate;
 use crate::model::Model;
-use crate::sampler::{Sampler, SamplingParams};
-use crate::session::{Session as ModelSession, SessionError};
+use crate::request::GenerateRequest;
+use crate::sampler::Sampler;
+use crate::sequence::{Sequence, SequenceError};
+use crate::text::{TextError, TextSide};
 use crate::tokenizer::{TextStream, Tokenizer};
 use marengo_bundle::Bundle;
-use marengo_bundle::manifest::{Manifest, QuantKind};
+use marengo_bundle::manifest::Manifest;
 
-/// Why a generation ended, as far as the engine knows. The D-Bus layer refines
-/// `Cancelled` into `cancelled`, `disconnected` or `shutdown` from its own bookkeeping.
+/// Why a generation ended: the one reason the engine, the scheduler and the D-Bus `Finished`
+/// signal share. The engine itself ends with `Stop` or `Length`, or with the reason its caller's
+/// stop check returns; the scheduler adds `Error` and the ends of requests that never ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// End-of-sequence token or a stop string.
-    Stop,
+#[repr(u8)]
+pub enum EndReason {
+    /// End of sequence or a stop string.
+    Stop = 1,
     /// `max_tokens` reached, or the context is full.
     Length,
-    /// The caller's `should_stop` returned true.
+    /// `Cancel` by its owner.
     Cancelled,
+    /// Its client left the bus.
+    Disconnected,
+    /// The daemon is stopping.
+    Shutdown,
+    /// The engine failed.
+    Error,
 }
 
-impl FinishReason {
+impl EndReason {
+    /// The reason's name on the wire (`Finished`'s `reason` argument) and in `--stats`.
     pub fn as_str(self) -> &'static str {
         match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-            FinishReason::Cancelled => "cancelled",
+            EndReason::Stop => "stop",
+            EndReason::Length => "length",
+            EndReason::Cancelled => "cancelled",
+            EndReason::Disconnected => "disconnected",
+            EndReason::Shutdown => "shutdown",
+            EndReason::Error => "error",
         }
     }
-}
-
-/// What to generate.
-#[derive(Debug, Clone)]
-pub struct GenerateRequest {
-    pub prompt: Vec<u32>,
-    pub sampling: SamplingParams,
-    pub max_tokens: usize,
-    pub stop: Vec<String>,
 }
 
 /// Figures of one finished generation.
 #[derive(Debug, Clone)]
 pub struct GenerationOutcome {
-    pub reason: FinishReason,
+    pub reason: EndReason,
     pub prompt_tokens: usize,
     /// Prompt tokens whose KV entries were reused from the previous request.
     pub reused_tokens: usize,
@@ -70,141 +78,124 @@ pub struct EngineOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("prompt of {prompt_tokens} tokens does not fit the context of {context_length} tokens")]
-    ContextOverflow {
-        prompt_tokens: usize,
-        context_length: usize,
-    },
     #[error("the prompt is empty")]
     EmptyPrompt,
+    #[error(
+        "the bundle {0} changed on disk since its tokenizer was loaded; restart to serve the \
+         new one"
+    )]
+    BundleChanged(std::path::PathBuf),
     #[error(transparent)]
     Bundle(#[from] marengo_bundle::BundleError),
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
     #[error(transparent)]
-    Session(#[from] SessionError),
+    Sequence(#[from] SequenceError),
+    #[error(transparent)]
+    Text(#[from] TextError),
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
     #[error(transparent)]
     Sampling(#[from] crate::sampler::SamplingError),
-    #[error(transparent)]
-    Chat(#[from] crate::chat::ChatError),
     #[error("setting up {threads} kernel threads: {message}")]
     Threads { threads: usize, message: String },
 }
 
-/// A loaded, memory-mapped model. Shared between sessions with `Arc`.
+/// A loaded, memory-mapped model. Shared between conversations with `Arc`.
 pub struct Engine {
     bundle: Bundle,
     model: Arc<Model>,
-    tokenizer: Tokenizer,
-    chat_template: Option<ChatTemplate>,
-    name: String,
+    text: Arc<TextSide>,
 }
 
 impl Engine {
+    /// Loads both sides of the bundle in `dir`.
     pub fn load(dir: &Path, options: &EngineOptions) -> Result<Arc<Engine>, EngineError> {
-        if let Some(threads) = options.threads {
-            set_threads(threads)?;
+        let bundle = open(dir, options)?;
+        let text = Arc::new(TextSide::load(&bundle)?);
+        Self::with_text(bundle, text)
+    }
+
+    /// Loads the weights of the bundle in `dir` again, for a text side loaded before (after an
+    /// idle unload). The bundle must still be the one `text` was read from.
+    pub fn load_weights(
+        dir: &Path,
+        options: &EngineOptions,
+        text: Arc<TextSide>,
+    ) -> Result<Arc<Engine>, EngineError> {
+        let bundle = open(dir, options)?;
+        if bundle.manifest() != text.manifest() {
+            return Err(EngineError::BundleChanged(dir.to_path_buf()));
         }
-        let bundle = Bundle::open(dir)?;
-        if options.verify_hashes {
-            bundle.verify_hashes()?;
-        }
+        Self::with_text(bundle, text)
+    }
+
+    fn with_text(bundle: Bundle, text: Arc<TextSide>) -> Result<Arc<Engine>, EngineError> {
         let model = Arc::new(Model::load(&bundle)?);
         // Parsing and optimising the graph leaves megabytes of freed protobuf and tract
         // intermediates on the heap.
         crate::memory::release_free_heap();
-        let tokenizer =
-            Tokenizer::from_file(&bundle.dir().join(marengo_bundle::manifest::TOKENIZER_FILE))?;
-        let manifest = bundle.manifest();
-        let chat_template = match &manifest.chat_template {
-            Some(template) => {
-                let token = |id: Option<u32>| {
-                    id.and_then(|id| tokenizer.id_to_token(id))
-                        .unwrap_or_default()
-                };
-                let bos = token(manifest.special_tokens.bos);
-                let eos = token(manifest.special_tokens.eos.first().copied());
-                Some(ChatTemplate::new(template, &bos, &eos)?)
-            }
-            None => None,
-        };
-        let name = model_name(dir, manifest);
         tracing::info!(
-            bundle = %dir.display(),
+            bundle = %bundle.dir().display(),
             fp8_weights = model.fp8_weights,
-            context = manifest.architecture.context_length,
+            context = text.context_length(),
             "model loaded"
         );
         Ok(Arc::new(Engine {
             bundle,
             model,
-            tokenizer,
-            chat_template,
-            name,
+            text,
         }))
     }
 
-    pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+    /// The text side this engine generates with.
+    pub fn text(&self) -> &Arc<TextSide> {
+        &self.text
     }
 
-    /// The model's own chat template, when the bundle has one.
-    pub fn chat_template(&self) -> Option<&ChatTemplate> {
-        self.chat_template.as_ref()
+    /// The text side's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        self.text.tokenizer()
     }
 
     pub fn manifest(&self) -> &Manifest {
         self.bundle.manifest()
     }
 
-    pub fn context_length(&self) -> usize {
-        self.manifest().architecture.context_length
-    }
-
-    /// Human-readable model name: the bundle directory's name.
-    pub fn model_name(&self) -> &str {
-        &self.name
-    }
-
-    /// `fp8_e4m3fn`, `f16` or `f32` (with the block size when blocked).
+    /// The text side's description of the weights' storage.
     pub fn quantization(&self) -> String {
-        let q = &self.manifest().quantization;
-        let kind = match q.kind {
-            QuantKind::Fp8E4m3fn => "fp8_e4m3fn",
-            QuantKind::F16 => "f16",
-            QuantKind::F32 => "f32",
-        };
-        match q.block_size {
-            Some(b) => format!("{kind}/block{b}"),
-            None => kind.to_string(),
-        }
+        self.text.quantization()
     }
 
-    pub fn new_session(self: &Arc<Self>) -> Result<Session, EngineError> {
-        let arch = &self.manifest().architecture;
-        let inner = ModelSession::new(self.model.clone(), arch.context_length, arch.vocab_size)?;
-        Ok(Session {
+    /// A conversation: generation with sampling, text and stop strings.
+    pub fn new_conversation(self: &Arc<Self>) -> Result<Conversation, EngineError> {
+        Ok(Conversation {
             engine: self.clone(),
-            inner,
+            sequence: self.new_model_session()?,
         })
     }
 
-    /// A bare model session, without sampling or text: for benchmarks and numerical checks
+    /// A bare token sequence, without sampling or text: for benchmarks and numerical checks
     /// that feed token ids and read logits.
-    pub fn new_model_session(&self) -> Result<ModelSession, EngineError> {
+    pub fn new_model_session(&self) -> Result<Sequence, EngineError> {
         let arch = &self.manifest().architecture;
-        Ok(ModelSession::new(
+        Ok(Sequence::new(
             self.model.clone(),
             arch.context_length,
             arch.vocab_size,
         )?)
     }
+}
 
-    fn is_eos(&self, id: u32) -> bool {
-        self.manifest().special_tokens.eos.contains(&id)
+fn open(dir: &Path, options: &EngineOptions) -> Result<Bundle, EngineError> {
+    if let Some(threads) = options.threads {
+        set_threads(threads)?;
     }
+    let bundle = Bundle::open(dir)?;
+    if options.verify_hashes {
+        bundle.verify_hashes()?;
+    }
+    Ok(bundle)
 }
 
 /// Sizes the kernels' thread pool (rayon's global pool). It can be set once per process;
@@ -229,49 +220,36 @@ fn set_threads(threads: usize) -> Result<(), EngineError> {
     }
 }
 
-fn model_name(dir: &Path, manifest: &Manifest) -> String {
-    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    match dir.file_name() {
-        Some(name) => name.to_string_lossy().into_owned(),
-        None => manifest.architecture.family.clone(),
-    }
-}
-
 /// One conversation's state: its KV cache and the tokens it holds. A new request whose
 /// prompt starts with those tokens reuses their KV entries.
-pub struct Session {
+pub struct Conversation {
     engine: Arc<Engine>,
-    inner: ModelSession,
+    sequence: Sequence,
 }
 
-impl Session {
-    /// Runs one generation. `should_stop` is polled before every token; `on_text` receives
-    /// text pieces that are always whole UTF-8 and never contain (part of) a stop string.
+impl Conversation {
+    /// Runs one generation. `should_stop` is polled before every token and ends the
+    /// generation with the reason it returns; `on_text` receives text pieces that are always
+    /// whole UTF-8 and never contain (part of) a stop string.
     pub fn generate(
         &mut self,
         request: &GenerateRequest,
-        should_stop: &dyn Fn() -> bool,
+        should_stop: &dyn Fn() -> Option<EndReason>,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<GenerationOutcome, EngineError> {
-        let prompt = &request.prompt;
-        let context_length = self.inner.context_length();
+        let prompt = request.prompt();
+        let context_length = self.sequence.context_length();
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
-        if prompt.len() >= context_length {
-            return Err(EngineError::ContextOverflow {
-                prompt_tokens: prompt.len(),
-                context_length,
-            });
-        }
-        let mut sampler = Sampler::new(request.sampling.clone())?;
+        let side = &self.engine.text;
+        let mut sampler = Sampler::new(request.sampling().clone())?;
         sampler.observe(prompt);
-        let mut text =
-            TextStream::new(&self.engine.tokenizer, prompt, request.stop.iter().cloned());
+        let mut text = TextStream::new(side.tokenizer(), prompt, request.stop().iter().cloned());
 
         let prefill_start = Instant::now();
-        let reused = self.inner.reuse_prefix(prompt)?;
-        let mut logits = self.inner.feed(&prompt[reused..])?;
+        let reused = self.sequence.reuse_prefix(prompt)?;
+        let mut logits = self.sequence.feed(&prompt[reused..])?;
         let prefill_s = prefill_start.elapsed().as_secs_f64();
 
         let decode_start = Instant::now();
@@ -279,16 +257,16 @@ impl Session {
         let mut steps = 0;
         let mut stop_string = false;
         let reason = loop {
-            if should_stop() {
-                break FinishReason::Cancelled;
+            if let Some(reason) = should_stop() {
+                break reason;
             }
-            if tokens.len() >= request.max_tokens {
-                break FinishReason::Length;
+            if tokens.len() >= request.max_tokens() {
+                break EndReason::Length;
             }
             let id = sampler.sample(&logits)?;
             tokens.push(id);
-            if self.engine.is_eos(id) {
-                break FinishReason::Stop;
+            if side.is_eos(id) {
+                break EndReason::Stop;
             }
             let piece = text.push(id)?;
             if !piece.text.is_empty() {
@@ -296,15 +274,15 @@ impl Session {
             }
             if piece.stopped {
                 stop_string = true;
-                break FinishReason::Stop;
+                break EndReason::Stop;
             }
-            if tokens.len() >= request.max_tokens {
-                break FinishReason::Length;
+            if tokens.len() >= request.max_tokens() {
+                break EndReason::Length;
             }
-            if self.inner.cached().len() >= context_length {
-                break FinishReason::Length;
+            if self.sequence.cached().len() >= context_length {
+                break EndReason::Length;
             }
-            logits = self.inner.feed(&[id])?;
+            logits = self.sequence.feed(&[id])?;
             steps += 1;
         };
         if !stop_string {

@@ -1,7 +1,7 @@
 //! Who generates next: a bounded queue, fair between clients, in front of the one worker
-//! thread that owns the model's session.
+//! thread that owns the model's conversation.
 //!
-//! Generation is CPU-bound and a session's KV cache is large, so requests run one at a time on
+//! Generation is CPU-bound and a conversation's KV cache is large, so requests run one at a time on
 //! a dedicated thread (never on the async runtime, whose threads must keep serving the bus).
 //! Waiting requests are kept per client and taken in turn, one request per client per turn, so
 //! a client with many requests delays another's single one by at most one generation. The
@@ -11,7 +11,8 @@
 //! A request is stopped through a flag the engine polls before every token, so a cancel, a
 //! client leaving the bus or a shutdown ends a running generation within one token. The
 //! scheduler reaches the model only through [`crate::engine`]; it may drop the engine after a
-//! period without work (unmapping the weights) and load it again on the next request.
+//! period without work (unmapping the weights) and load it again on the next request. It never
+//! needs the text side: requests arrive prepared.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -21,58 +22,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use crate::engine::{
-    Engine, EngineError, FinishReason, GenerateRequest, GenerationOutcome, Session,
-};
+use crate::engine::{Conversation, EndReason, Engine, EngineError, GenerationOutcome};
+use crate::request::GenerateRequest;
 
 /// A request's number, unique for the daemon's lifetime.
 pub type RequestId = u64;
 
-/// Why a request ended, as told to its client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum EndReason {
-    /// End of sequence or a stop string.
-    Stop = 1,
-    /// `max_tokens` or the end of the context.
-    Length,
-    /// `Cancel` by its owner.
-    Cancelled,
-    /// Its client left the bus.
-    Disconnected,
-    /// The daemon is stopping.
-    Shutdown,
-    /// The engine failed.
-    Error,
-}
-
-impl EndReason {
-    /// The reason's name on the wire (`Finished`'s `reason` argument).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EndReason::Stop => "stop",
-            EndReason::Length => "length",
-            EndReason::Cancelled => "cancelled",
-            EndReason::Disconnected => "disconnected",
-            EndReason::Shutdown => "shutdown",
-            EndReason::Error => "error",
-        }
-    }
-
-    fn from_flag(flag: u8) -> Option<Self> {
-        [
-            EndReason::Cancelled,
-            EndReason::Disconnected,
-            EndReason::Shutdown,
-        ]
-        .into_iter()
-        .find(|r| *r as u8 == flag)
-    }
-}
-
 /// The end of a request: why, and the engine's figures when it ran.
 #[derive(Debug, Clone)]
-pub struct Finished {
+pub struct RequestEnd {
     pub reason: EndReason,
     pub outcome: Option<GenerationOutcome>,
     /// The engine's message when `reason` is [`EndReason::Error`].
@@ -83,7 +41,7 @@ pub struct Finished {
 #[derive(Debug, Clone)]
 pub enum Event {
     Text(String),
-    Finished(Finished),
+    Finished(RequestEnd),
 }
 
 /// Why a request was not queued.
@@ -111,20 +69,18 @@ pub enum CancelError {
 pub struct SchedulerOptions {
     pub queue_capacity: usize,
     pub max_queued_per_client: usize,
-    /// Drop the engine (unmapping the model) after this long without a request.
+    /// Drop the engine (unmapping the weights) after this long without a request.
     pub idle_unload: Option<Duration>,
 }
 
 /// Why the scheduler could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error(transparent)]
-    Engine(#[from] EngineError),
     #[error("cannot start the generation thread: {0}")]
     Thread(#[source] std::io::Error),
 }
 
-/// Loads the engine; called at start and again after an idle unload.
+/// Loads the engine again after an idle unload.
 pub type EngineLoader = Box<dyn Fn() -> Result<Arc<Engine>, EngineError> + Send + Sync>;
 
 /// A snapshot for status lines.
@@ -181,10 +137,13 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Loads the engine once (so that a bad bundle fails the start, not the first request)
-    /// and starts the worker thread.
-    pub fn start(loader: EngineLoader, options: SchedulerOptions) -> Result<Self, StartError> {
-        let engine = loader()?;
+    /// Starts the worker thread with `engine`, loaded by the caller so that a bad bundle fails
+    /// the start, not the first request; `loader` loads it again after an idle unload.
+    pub fn start(
+        engine: Arc<Engine>,
+        loader: EngineLoader,
+        options: SchedulerOptions,
+    ) -> Result<Self, StartError> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 queues: HashMap::new(),
@@ -210,12 +169,6 @@ impl Scheduler {
             shared,
             worker: Mutex::new(Some(worker)),
         })
-    }
-
-    /// The engine, loading it again if it was unloaded while idle. Blocking: call it off the
-    /// async runtime.
-    pub fn engine(&self) -> Result<Arc<Engine>, EngineError> {
-        self.shared.engine()
     }
 
     /// Queues `request` for `client` (its unique bus name). `events` receives its text and
@@ -416,8 +369,8 @@ impl Shared {
     }
 
     /// Blocks until there is a job (marking it running) or the scheduler shuts down. Drops
-    /// `session` and the engine when idle for longer than `idle_unload`.
-    fn next_job(&self, session: &mut Option<Session>) -> Option<Job> {
+    /// `conversation` and the engine when idle for longer than `idle_unload`.
+    fn next_job(&self, conversation: &mut Option<Conversation>) -> Option<Job> {
         let mut state = self.lock_state();
         loop {
             if state.shutting_down {
@@ -437,7 +390,7 @@ impl Shared {
                 Some(idle) if loaded => {
                     let idle_for = state.last_activity.elapsed();
                     if idle_for >= idle {
-                        *session = None;
+                        *conversation = None;
                         self.unload_engine();
                         continue;
                     }
@@ -459,9 +412,9 @@ impl Shared {
 }
 
 fn worker_loop(shared: &Shared) {
-    let mut session: Option<Session> = None;
-    while let Some(job) = shared.next_job(&mut session) {
-        let finished = run_job(shared, &mut session, &job);
+    let mut conversation: Option<Conversation> = None;
+    while let Some(job) = shared.next_job(&mut conversation) {
+        let finished = run_job(shared, &mut conversation, &job);
         tracing::info!(
             request = job.id,
             client = %job.client,
@@ -481,43 +434,46 @@ fn worker_loop(shared: &Shared) {
     }
 }
 
-fn run_job(shared: &Shared, session: &mut Option<Session>, job: &Job) -> Finished {
+fn run_job(shared: &Shared, conversation: &mut Option<Conversation>, job: &Job) -> RequestEnd {
     let failed = |error: EngineError| {
         tracing::error!(request = job.id, "generation failed: {error}");
-        Finished {
+        RequestEnd {
             reason: EndReason::Error,
             outcome: None,
             error: Some(error.to_string()),
         }
     };
-    let session = match session {
-        Some(session) => session,
-        None => match shared.engine().and_then(|engine| engine.new_session()) {
-            Ok(new) => session.insert(new),
+    let conversation = match conversation {
+        Some(conversation) => conversation,
+        None => match shared.engine().and_then(|engine| engine.new_conversation()) {
+            Ok(new) => conversation.insert(new),
             Err(error) => return failed(error),
         },
     };
-    let should_stop = || job.stop.load(Ordering::Acquire) != 0;
+    let should_stop = || stop_reason(job.stop.load(Ordering::Acquire));
     let mut on_text = |text: &str| {
         // A closed receiver means nobody listens any more; the stop flag ends the work.
         let _ = job.events.blocking_send(Event::Text(text.to_owned()));
     };
-    match session.generate(&job.request, &should_stop, &mut on_text) {
-        Ok(outcome) => {
-            let reason = match outcome.reason {
-                FinishReason::Stop => EndReason::Stop,
-                FinishReason::Length => EndReason::Length,
-                FinishReason::Cancelled => EndReason::from_flag(job.stop.load(Ordering::Acquire))
-                    .unwrap_or(EndReason::Cancelled),
-            };
-            Finished {
-                reason,
-                outcome: Some(outcome),
-                error: None,
-            }
-        }
+    match conversation.generate(&job.request, &should_stop, &mut on_text) {
+        Ok(outcome) => RequestEnd {
+            reason: outcome.reason,
+            outcome: Some(outcome),
+            error: None,
+        },
         Err(error) => failed(error),
     }
+}
+
+/// The reason a stop flag holds: none while it is 0, else the first reason requested.
+fn stop_reason(flag: u8) -> Option<EndReason> {
+    [
+        EndReason::Cancelled,
+        EndReason::Disconnected,
+        EndReason::Shutdown,
+    ]
+    .into_iter()
+    .find(|r| *r as u8 == flag)
 }
 
 fn request_stop(flag: &AtomicU8, reason: EndReason) {
@@ -536,7 +492,7 @@ fn finish_unstarted(jobs: Vec<Job>, reason: EndReason) {
             generated_tokens = 0,
             "request finished"
         );
-        let _ = job.events.try_send(Event::Finished(Finished {
+        let _ = job.events.try_send(Event::Finished(RequestEnd {
             reason,
             outcome: None,
             error: None,

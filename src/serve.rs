@@ -15,11 +15,12 @@ use zbus::Connection;
 use zbus::connection::Builder;
 use zbus::fdo::DBusProxy;
 
-use crate::config::{BusChoice, Config, ConfigError, ConfigFile, default_config_path};
-use crate::dbus::{BUS_NAME, Llm1, ModelInfo, OBJECT_PATH, Streams};
+use crate::config::{BusChoice, Config, ConfigError, ConfigFile, default_config_path, defaults};
+use crate::dbus::{BUS_NAME, Llm1, OBJECT_PATH, Streams};
 use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::scheduler::{Scheduler, SchedulerOptions, StartError};
 use crate::systemd;
+use crate::text::TextSide;
 
 /// How long a shutdown waits for the running generation to stop and the last `Finished`
 /// signals to be sent; systemd is promised an exit within 2 s of SIGTERM.
@@ -50,26 +51,42 @@ pub struct ServeArgs {
     /// Serve on the bus at this D-Bus address, e.g. unix:path=/run/marengo/bus.
     #[arg(long, value_name = "ADDRESS")]
     pub address: Option<String>,
-    /// Generation threads; 0 uses every core (key `threads`).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help = format!(
+        "Generation threads; 0 uses every core (key `threads`, default {})",
+        defaults::THREADS
+    ))]
     pub threads: Option<usize>,
-    /// Requests that may wait over all clients before Busy (key `queue_length`, default 16).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help = format!(
+        "Requests that may wait over all clients before Busy (key `queue_capacity`, default {})",
+        defaults::QUEUE_CAPACITY
+    ))]
+    pub queue_capacity: Option<usize>,
+    /// Deprecated name of --queue-capacity.
+    #[arg(long, value_name = "N", hide = true, conflicts_with = "queue_capacity")]
     pub queue_length: Option<usize>,
-    /// Requests one client may have waiting (key `max_queued_per_client`, default 8).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help = format!(
+        "Requests one client may have waiting (key `max_queued_per_client`, default {})",
+        defaults::MAX_QUEUED_PER_CLIENT
+    ))]
     pub max_queued_per_client: Option<usize>,
-    /// max_tokens of a request that sets none (key `default_max_tokens`, default 512).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help = format!(
+        "max_tokens of a request that sets none (key `default_max_tokens`, default {})",
+        defaults::DEFAULT_MAX_TOKENS
+    ))]
     pub default_max_tokens: Option<u32>,
-    /// Unmap the model after this many idle seconds; 0 never (key `idle_unload_secs`).
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", help = format!(
+        "Unmap the model's weights after this many idle seconds; 0 never (key \
+         `idle_unload_secs`, default {})",
+        defaults::IDLE_UNLOAD_SECS
+    ))]
     pub idle_unload_secs: Option<u64>,
     /// Check every bundle file's sha256 at load (slow for a 7B model; key `verify_hashes`).
     #[arg(long)]
     pub verify_hashes: bool,
-    /// error, warn, info, debug or trace (key `log_level`); RUST_LOG overrides it.
-    #[arg(long, value_name = "LEVEL")]
+    #[arg(long, value_name = "LEVEL", help = format!(
+        "error, warn, info, debug or trace (key `log_level`, default {}); RUST_LOG overrides it",
+        defaults::LOG_LEVEL
+    ))]
     pub log_level: Option<String>,
 }
 
@@ -113,7 +130,8 @@ impl ServeArgs {
             },
             address: self.address.clone(),
             threads: self.threads,
-            queue_capacity: self.queue_length,
+            queue_capacity: self.queue_capacity,
+            queue_length: self.queue_length,
             max_queued_per_client: self.max_queued_per_client,
             default_max_tokens: self.default_max_tokens,
             idle_unload_secs: self.idle_unload_secs,
@@ -132,6 +150,9 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let config =
         ConfigFile::read(&path, args.config.is_none())?.resolve(args.overrides(), &path)?;
     systemd::init_logging(&config.log_level);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("marengod-bus")
@@ -159,19 +180,19 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     };
     let Started {
         scheduler,
-        model,
+        text,
         streams,
         connection,
         mut departures,
     } = started;
 
     tracing::info!(
-        model = %model.name,
-        quantization = %model.quantization,
-        context_length = model.context_length,
+        model = %text.model_name(),
+        quantization = %text.quantization(),
+        context_length = text.context_length(),
         "serving {BUS_NAME} on the {bus}"
     );
-    systemd::notify_ready(&format!("serving {} on the {bus}", model.name));
+    systemd::notify_ready(&format!("serving {} on the {bus}", text.model_name()));
     let status = tokio::spawn(report_status(Arc::clone(&scheduler)));
     let watchdog = systemd::watchdog_interval().map(|every| tokio::spawn(feed_watchdog(every)));
 
@@ -214,7 +235,7 @@ async fn serve(config: Config) -> Result<(), ServeError> {
 /// Everything that runs once the daemon is ready.
 struct Started {
     scheduler: Arc<Scheduler>,
-    model: ModelInfo,
+    text: Arc<TextSide>,
     streams: Arc<Streams>,
     connection: Connection,
     departures: tokio::task::JoinHandle<()>,
@@ -226,23 +247,12 @@ struct Started {
 async fn start(config: &Config, bus: &str) -> Result<Started, ServeError> {
     tracing::info!(bundle = %config.bundle.display(), %bus, "loading the model");
     systemd::notify_status("loading the model");
-    let scheduler = start_scheduler(config).await?;
-    let model = {
-        let engine = scheduler.engine().map_err(|source| ServeError::Bundle {
-            path: config.bundle.clone(),
-            source,
-        })?;
-        ModelInfo {
-            name: engine.model_name().to_owned(),
-            context_length: u32::try_from(engine.context_length()).unwrap_or(u32::MAX),
-            quantization: engine.quantization(),
-        }
-    };
+    let (scheduler, text) = start_scheduler(config).await?;
 
     let streams = Arc::new(Streams::default());
     let service = Llm1::new(
         Arc::clone(&scheduler),
-        model.clone(),
+        Arc::clone(&text),
         config.default_max_tokens,
         Arc::clone(&streams),
     );
@@ -281,14 +291,16 @@ async fn start(config: &Config, bus: &str) -> Result<Started, ServeError> {
 
     Ok(Started {
         scheduler,
-        model,
+        text,
         streams,
         connection,
         departures,
     })
 }
 
-async fn start_scheduler(config: &Config) -> Result<Arc<Scheduler>, ServeError> {
+/// Loads both sides of the bundle and starts the scheduler with the weights side. After an
+/// idle unload only the weights are loaded again; the text side stays for the daemon's life.
+async fn start_scheduler(config: &Config) -> Result<(Arc<Scheduler>, Arc<TextSide>), ServeError> {
     let bundle = config.bundle.clone();
     let engine_options = EngineOptions {
         threads: config.threads,
@@ -299,15 +311,25 @@ async fn start_scheduler(config: &Config) -> Result<Arc<Scheduler>, ServeError> 
         max_queued_per_client: config.max_queued_per_client,
         idle_unload: config.idle_unload_secs.map(Duration::from_secs),
     };
-    let load_path = bundle.clone();
-    let loader = Box::new(move || Engine::load(&load_path, &engine_options));
-    tokio::task::spawn_blocking(move || Scheduler::start(loader, options))
+    let (load_path, load_options) = (bundle.clone(), engine_options.clone());
+    let engine = tokio::task::spawn_blocking(move || Engine::load(&load_path, &load_options))
         .await?
-        .map(Arc::new)
-        .map_err(|source| ServeError::Start {
+        .map_err(|source| ServeError::Bundle {
+            path: bundle.clone(),
+            source,
+        })?;
+    let text = Arc::clone(engine.text());
+    let reload_text = Arc::clone(&text);
+    let load_path = bundle.clone();
+    let loader = Box::new(move || {
+        Engine::load_weights(&load_path, &engine_options, Arc::clone(&reload_text))
+    });
+    let scheduler =
+        Scheduler::start(engine, loader, options).map_err(|source| ServeError::Start {
             path: bundle,
             source,
-        })
+        })?;
+    Ok((Arc::new(scheduler), text))
 }
 
 /// Cancels the requests of every client that leaves the bus (the task ends when the

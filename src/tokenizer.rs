@@ -42,6 +42,7 @@ pub struct Tokenizer {
     inner: Arc<tokenizers::Tokenizer>,
     vocab_size: usize,
     special_ids: Arc<[u32]>,
+    max_token_bytes: Option<usize>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -78,11 +79,27 @@ impl Tokenizer {
             .map(|(&id, _)| id)
             .collect();
         special_ids.sort_unstable();
+        let max_token_bytes = inner
+            .to_string(false)
+            .ok()
+            .and_then(|json| serde_json::from_str(&json).ok())
+            .and_then(|json| max_token_bytes(&json));
         Self {
             vocab_size: inner.get_vocab_size(true),
             special_ids: special_ids.into(),
+            max_token_bytes,
             inner: Arc::new(inner),
         }
+    }
+
+    /// The fewest tokens that `bytes` bytes of text can encode to, when this tokenizer allows
+    /// such a bound (see [`max_token_bytes`]): a text too long for the context can then be
+    /// refused without tokenizing it. `None` when its pipeline could shrink or drop text.
+    pub fn min_tokens(&self, bytes: usize) -> Option<MinTokens> {
+        self.max_token_bytes.map(|max_token_bytes| MinTokens {
+            tokens: bytes.div_ceil(max_token_bytes),
+            max_token_bytes,
+        })
     }
 
     /// Number of ids, added tokens included: every valid id is below it.
@@ -133,6 +150,76 @@ impl Tokenizer {
     pub fn is_special(&self, id: u32) -> bool {
         self.special_ids.binary_search(&id).is_ok()
     }
+}
+
+/// A lower bound on a text's token count, from its length alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MinTokens {
+    pub tokens: usize,
+    /// No token of the vocabulary stands for more bytes of input text than this.
+    pub max_token_bytes: usize,
+}
+
+/// The most bytes of input text one token can stand for, read from the serialized
+/// `tokenizer.json`: the longest vocabulary entry or added token, in UTF-8 bytes.
+///
+/// That is a bound only where every step of the pipeline keeps each input byte in exactly one
+/// token and never writes an entry shorter than the input it covers: byte-level entries spell
+/// each input byte as one character (one to two bytes), sentencepiece entries spell a space as
+/// `▁` (three bytes) and a fallback byte as `<0xNN>` (six). Normalizers and pre-tokenizers that
+/// can shrink or drop text (Unicode normalization, stripping, splits that remove their
+/// delimiter), an unknown token fused over a run of unknown characters and truncation have no
+/// such bound: `None` then, and prompts are tokenized whole.
+fn max_token_bytes(json: &serde_json::Value) -> Option<usize> {
+    use serde_json::Value;
+    fn kind(step: &Value) -> &str {
+        step.get("type").and_then(Value::as_str).unwrap_or("")
+    }
+    fn keeps_text(step: &Value, list: &str) -> bool {
+        match kind(step) {
+            "Sequence" => step
+                .get(list)
+                .and_then(Value::as_array)
+                .is_some_and(|steps| steps.iter().all(|s| keeps_text(s, list))),
+            "Prepend" | "ByteLevel" | "Metaspace" | "Digits" => true,
+            "Replace" => {
+                let pattern = step.pointer("/pattern/String").and_then(Value::as_str);
+                let content = step.get("content").and_then(Value::as_str);
+                matches!((pattern, content), (Some(p), Some(c)) if c.len() >= p.len())
+            }
+            "Split" | "Punctuation" => {
+                step.get("behavior").and_then(Value::as_str) != Some("Removed")
+            }
+            _ => false,
+        }
+    }
+    if json.get("truncation").is_some_and(|t| !t.is_null()) {
+        return None;
+    }
+    let normalizer = json.get("normalizer")?;
+    if !normalizer.is_null() && !keeps_text(normalizer, "normalizers") {
+        return None;
+    }
+    let pre_tokenizer = json.get("pre_tokenizer")?;
+    if !pre_tokenizer.is_null() && !keeps_text(pre_tokenizer, "pretokenizers") {
+        return None;
+    }
+    let model = json.get("model")?;
+    let flag = |key: &str| model.get(key).and_then(Value::as_bool).unwrap_or(false);
+    let fused_unknown = model.get("unk_token").is_some_and(|unk| !unk.is_null())
+        && flag("fuse_unk")
+        && !flag("byte_fallback");
+    if kind(model) != "BPE" || fused_unknown {
+        return None;
+    }
+    let vocabulary = model.get("vocab")?.as_object()?.keys().map(String::len);
+    let added = json
+        .get("added_tokens")?
+        .as_array()?
+        .iter()
+        .filter_map(|token| token.get("content").and_then(Value::as_str))
+        .map(str::len);
+    vocabulary.chain(added).max().filter(|&longest| longest > 0)
 }
 
 /// How many prompt tokens [`Detokenizer::with_context`] keeps: enough for a decoder to see
@@ -412,6 +499,32 @@ mod tests {
             assert_eq!(with_bos[0], BOS, "{:?}", case.text);
             assert_eq!(with_bos[1..], case.ids, "{:?}", case.text);
         }
+    }
+
+    #[test]
+    fn length_bound_is_below_every_real_count() {
+        let tokenizer = mistral();
+        let bound = tokenizer
+            .min_tokens(0)
+            .expect("Mistral's pipeline has a bound");
+        assert_eq!(bound.tokens, 0);
+        let mut texts: Vec<String> = reference_cases().into_iter().map(|c| c.text).collect();
+        texts.push(" ".repeat(1000));
+        texts.push("🦙".repeat(300));
+        texts.push("<s></s><unk>".repeat(50));
+        for text in texts {
+            let count = tokenizer.encode(&text, false).unwrap().len();
+            let bound = tokenizer.min_tokens(text.len()).unwrap().tokens;
+            assert!(bound <= count, "{text:?}: {count} tokens, bound {bound}");
+        }
+    }
+
+    #[test]
+    fn no_length_bound_where_the_normalizer_can_drop_text() {
+        let json = std::fs::read_to_string(Path::new(FIXTURE).join("tokenizer.json")).unwrap();
+        let mut value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        value["normalizer"] = serde_json::json!({"type": "NFKC"});
+        assert_eq!(max_token_bytes(&value), None);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use marengo::engine::{Engine, EngineOptions};
-use marengo::session::Session;
+use marengo::sequence::Sequence;
 use marengo_testkit::exporter::{synth, tokenizer_fixture};
 use marengo_testkit::onnxruntime::{OrtGreedy, ort_greedy};
 use marengo_testkit::{Kind, argmax, fixtures, max_abs_diff, repo_root};
@@ -81,7 +81,7 @@ fn bundle(golden: &Golden, scratch: &Path, kind: Kind) -> PathBuf {
     out
 }
 
-fn greedy(session: &mut Session, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+fn greedy(session: &mut Sequence, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
     let mut logits = session.feed(prompt).expect("prefill");
     let mut tokens = Vec::new();
     let mut all = Vec::new();

@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use marengo::dbus::encode_chat;
+use marengo::chat::Message;
 use marengo::engine::{Engine, EngineOptions};
+use marengo::request::{Prompt, RequestOptions};
 use marengo_testkit::binaries::marengo_export;
 use marengo_testkit::onnxruntime::{OrtGreedy, ort_greedy};
 use marengo_testkit::{argmax, max_abs_diff, repo_root, run};
@@ -131,7 +132,9 @@ fn load(bundle: &Path) -> Arc<Engine> {
 }
 
 fn prompt(engine: &Engine) -> Vec<u32> {
-    encode_chat(engine, &[("user".to_string(), QUESTION.to_string())]).expect("chat renders")
+    let chat = Prompt::Chat(vec![Message::user(QUESTION)]);
+    let request = engine.text().prepare(chat, RequestOptions::default(), 1);
+    request.expect("chat renders").prompt().to_vec()
 }
 
 #[test]

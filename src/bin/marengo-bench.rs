@@ -219,7 +219,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn decode(
-    session: &mut marengo::session::Session,
+    session: &mut marengo::sequence::Sequence,
     tokens: &mut Lcg,
     vocab: u32,
     count: usize,

@@ -1,7 +1,7 @@
 //! `org.marengo.Llm1`: the one struct that is the daemon's D-Bus surface.
 //!
-//! Methods check their arguments, turn them into an engine request off the async runtime and
-//! hand it to the [`Scheduler`]; a task per streaming request then forwards its text as
+//! Methods check their arguments, prepare an engine request on the [`TextSide`] off the async
+//! runtime and hand it to the [`Scheduler`]; a task per streaming request then forwards its text as
 //! `Token` signals and its end as one `Finished`. Every signal carries the caller's unique
 //! name as destination: on a system bus any user may add match rules, and a broadcast stream
 //! would show one user's conversation to all the others.
@@ -16,10 +16,11 @@ use zbus::names::BusName;
 use zbus::object_server::{ResponseDispatchListener, ResponseDispatchNotifier, SignalEmitter};
 use zbus::{Connection, ObjectPath, OwnedObjectPath, OwnedVariant, Variant, interface};
 
-use super::options::RequestOptions;
-use super::request;
+use super::request::{self, BusPrompt};
 use super::{Llm1Error, OBJECT_PATH};
-use crate::scheduler::{CancelError, Event, Finished, RequestId, Scheduler, SubmitError};
+use crate::request::RequestOptions;
+use crate::scheduler::{CancelError, Event, RequestEnd, RequestId, Scheduler, SubmitError};
+use crate::text::TextSide;
 use crate::tokenizer::TokenizerError;
 
 /// Request handles are `REQUEST_PATH_PREFIX` + a decimal number. They name requests, they
@@ -29,15 +30,6 @@ pub const REQUEST_PATH_PREFIX: &str = "/org/marengo/Llm1/request/";
 /// Text pieces buffered per request between the generation thread and the bus. When the bus
 /// is slower than generation the thread waits: memory stays bounded.
 const EVENT_BUFFER: usize = 256;
-
-/// What the read-only properties report about the loaded model; read once at start, so that
-/// reading a property never maps a model that was unloaded while idle.
-#[derive(Debug, Clone)]
-pub struct ModelInfo {
-    pub name: String,
-    pub context_length: u32,
-    pub quantization: String,
-}
 
 /// Counts the tasks still forwarding a stream, so that a shutdown can wait for the last
 /// `Finished` to be sent before the process exits.
@@ -74,29 +66,25 @@ impl Drop for StreamGuard {
     }
 }
 
-/// The service object.
+/// The service object. Its text side answers tokenizing and the properties, and prepares
+/// requests; only the scheduler's worker runs (and may load) the weights.
 pub struct Llm1 {
     scheduler: Arc<Scheduler>,
-    model: ModelInfo,
+    text: Arc<TextSide>,
     default_max_tokens: u32,
     streams: Arc<Streams>,
-}
-
-enum Prompt {
-    Text(String),
-    Chat(Vec<(String, String)>),
 }
 
 impl Llm1 {
     pub fn new(
         scheduler: Arc<Scheduler>,
-        model: ModelInfo,
+        text: Arc<TextSide>,
         default_max_tokens: u32,
         streams: Arc<Streams>,
     ) -> Self {
         Self {
             scheduler,
-            model,
+            text,
             default_max_tokens,
             streams,
         }
@@ -106,21 +94,14 @@ impl Llm1 {
     async fn submit(
         &self,
         client: &str,
-        prompt: Prompt,
+        prompt: BusPrompt,
         options: &HashMap<String, OwnedVariant>,
     ) -> Result<(RequestId, mpsc::Receiver<Event>), Llm1Error> {
         let options = RequestOptions::parse(options)?;
-        let scheduler = Arc::clone(&self.scheduler);
+        let text = Arc::clone(&self.text);
         let default_max_tokens = self.default_max_tokens;
-        let request = blocking(move || {
-            let engine = scheduler.engine().map_err(internal)?;
-            let tokens = match prompt {
-                Prompt::Text(text) => request::encode_prompt(&engine, &text)?,
-                Prompt::Chat(messages) => request::encode_chat(&engine, &messages)?,
-            };
-            request::build(&engine, tokens, options, default_max_tokens)
-        })
-        .await?;
+        let request =
+            blocking(move || request::prepare(&text, prompt, options, default_max_tokens)).await?;
         let (events, receiver) = mpsc::channel(EVENT_BUFFER);
         let id = self
             .scheduler
@@ -142,7 +123,7 @@ impl Llm1 {
         &self,
         header: &Header<'_>,
         connection: &Connection,
-        prompt: Prompt,
+        prompt: BusPrompt,
         options: &HashMap<String, OwnedVariant>,
     ) -> Result<ResponseDispatchNotifier<OwnedObjectPath>, Llm1Error> {
         let client = caller(header)?;
@@ -174,7 +155,7 @@ impl Llm1 {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] connection: &Connection,
     ) -> Result<ResponseDispatchNotifier<OwnedObjectPath>, Llm1Error> {
-        self.stream(&header, connection, Prompt::Text(prompt), &options)
+        self.stream(&header, connection, BusPrompt::Text(prompt), &options)
             .await
     }
 
@@ -188,7 +169,7 @@ impl Llm1 {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] connection: &Connection,
     ) -> Result<ResponseDispatchNotifier<OwnedObjectPath>, Llm1Error> {
-        self.stream(&header, connection, Prompt::Chat(messages), &options)
+        self.stream(&header, connection, BusPrompt::Chat(messages), &options)
             .await
     }
 
@@ -202,7 +183,9 @@ impl Llm1 {
         #[zbus(header)] header: Header<'_>,
     ) -> Result<(String, HashMap<String, OwnedVariant>), Llm1Error> {
         let client = caller(&header)?;
-        let (_, mut events) = self.submit(&client, Prompt::Text(prompt), &options).await?;
+        let (_, mut events) = self
+            .submit(&client, BusPrompt::Text(prompt), &options)
+            .await?;
         let mut text = String::new();
         while let Some(event) = events.recv().await {
             match event {
@@ -242,22 +225,16 @@ impl Llm1 {
     /// The token ids Generate would feed the model for this prompt.
     #[zbus(out_args("tokens"))]
     async fn tokenize(&self, text: String) -> Result<Vec<u32>, Llm1Error> {
-        let scheduler = Arc::clone(&self.scheduler);
-        blocking(move || {
-            let engine = scheduler.engine().map_err(internal)?;
-            request::encode_prompt(&engine, &text)
-        })
-        .await
+        let side = Arc::clone(&self.text);
+        blocking(move || request::encode_prompt(&side, &text)).await
     }
 
     /// The text of token ids; special tokens are left out.
     #[zbus(out_args("text"))]
     async fn detokenize(&self, tokens: Vec<u32>) -> Result<String, Llm1Error> {
-        let scheduler = Arc::clone(&self.scheduler);
+        let side = Arc::clone(&self.text);
         blocking(move || {
-            let engine = scheduler.engine().map_err(internal)?;
-            engine
-                .tokenizer()
+            side.tokenizer()
                 .decode(&tokens, true)
                 .map(|text| wire_text(&text).into_owned())
                 .map_err(|e| match e {
@@ -291,20 +268,20 @@ impl Llm1 {
     /// The model's name, from its bundle.
     #[zbus(property(emits_changed_signal = "const"))]
     fn model(&self) -> String {
-        self.model.name.clone()
+        self.text.model_name().to_owned()
     }
 
     /// The most tokens (prompt and generated) one request can hold.
     #[zbus(property(emits_changed_signal = "const"))]
     fn context_length(&self) -> u32 {
-        self.model.context_length
+        u32::try_from(self.text.context_length()).unwrap_or(u32::MAX)
     }
 
     /// How the weights are stored: fp8_e4m3fn (fp8_e4m3fn/blockN with per-block scales), f16
     /// or f32.
     #[zbus(property(emits_changed_signal = "const"))]
     fn quantization(&self) -> String {
-        self.model.quantization.clone()
+        self.text.quantization()
     }
 
     /// Requests waiting or running, over all clients.
@@ -363,7 +340,7 @@ fn wire_text(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// The figures of a finished request, as `Finished` and `Complete` report them.
-fn stats(finished: &Finished) -> HashMap<&'static str, Variant<'static>> {
+fn stats(finished: &RequestEnd) -> HashMap<&'static str, Variant<'static>> {
     let mut stats = HashMap::from([("reason", Variant::from(finished.reason.as_str()))]);
     if let Some(outcome) = &finished.outcome {
         let count = |n: usize| Variant::U32(u32::try_from(n).unwrap_or(u32::MAX));
@@ -411,7 +388,7 @@ fn internal(e: impl std::fmt::Display) -> Llm1Error {
     Llm1Error::Internal(e.to_string())
 }
 
-/// Runs engine work (tokenizing, maybe loading an unloaded model) off the async runtime.
+/// Runs text work (tokenizing megabytes can take a while) off the async runtime.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, Llm1Error> + Send + 'static,
 ) -> Result<T, Llm1Error> {

@@ -2,8 +2,9 @@
 //! errors and the typed client proxy live in the `marengo-client` crate, shared with
 //! `marengoctl`, and are re-exported here.
 //!
-//! This layer only translates between the bus and the [`crate::scheduler`]; it never touches
-//! tract or tensors, and it reaches the model only through [`crate::engine`].
+//! This layer only translates between the bus, the [`crate::text`] side (tokenizing, request
+//! preparation, what the properties report) and the [`crate::scheduler`]; it never touches
+//! tract, tensors or the engine, so nothing it answers by itself maps the weights.
 //! `packaging/dbus/org.marengo.Llm1.xml` is the committed introspection of the interface; a
 //! test checks that the running service exports exactly that.
 
@@ -11,7 +12,6 @@ mod interface;
 mod options;
 mod request;
 
-pub use interface::{Llm1, ModelInfo, REQUEST_PATH_PREFIX, Streams};
+pub use interface::{Llm1, REQUEST_PATH_PREFIX, Streams};
 pub use marengo_client::{BUS_NAME, Llm1Error, Llm1Proxy, OBJECT_PATH};
-pub use options::{MAX_STOP_STRINGS, RequestOptions};
-pub use request::{encode_chat, encode_prompt};
+pub use options::MAX_STOP_STRINGS;

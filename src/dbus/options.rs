@@ -11,26 +11,14 @@ use std::collections::HashMap;
 use zbus::{OwnedVariant, Variant};
 
 use super::Llm1Error;
+use crate::request::RequestOptions;
 
 /// The most stop strings a request may carry; each is matched against every new piece of text.
 pub const MAX_STOP_STRINGS: usize = 16;
 
-/// The options of one request, as sent; `None` means "the daemon's default".
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RequestOptions {
-    pub max_tokens: Option<u32>,
-    pub temperature: Option<f64>,
-    pub top_k: Option<u32>,
-    pub top_p: Option<f64>,
-    pub min_p: Option<f64>,
-    pub repeat_penalty: Option<f64>,
-    pub seed: Option<u64>,
-    pub stop: Vec<String>,
-}
-
 impl RequestOptions {
     /// Parses and range-checks `options`. Ranges of the sampling parameters are the sampler's
-    /// to decide and are checked where the request is built.
+    /// to decide and are checked where the request is prepared.
     pub fn parse(options: &HashMap<String, OwnedVariant>) -> Result<Self, Llm1Error> {
         let mut parsed = Self::default();
         for (key, value) in options {

@@ -8,9 +8,9 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use marengo::chat::Message;
-use marengo::engine::{Engine, EngineOptions, GenerateRequest};
+use marengo::engine::{Engine, EngineOptions};
 use marengo::memory::MemoryUsage;
-use marengo::sampler::SamplingParams;
+use marengo::request::{Prompt, RequestError, RequestOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -79,51 +79,35 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("loading {}", args.bundle.display()))?;
     let load_s = load_start.elapsed().as_secs_f64();
 
-    let prompt = match (&args.prompt, &args.prompt_ids) {
-        (_, Some(ids)) => ids.clone(),
-        (Some(text), None) if args.chat => {
-            let template = engine
-                .chat_template()
-                .context("--chat: the bundle has no chat template")?;
-            let rendered = template.render(&[Message::user(text.as_str())], true)?;
-            engine.tokenizer().encode(&rendered, false)?
-        }
-        (Some(text), None) => engine.tokenizer().encode(text, true)?,
+    let prompt = match (args.prompt, args.prompt_ids) {
+        (_, Some(ids)) => Prompt::Ids(ids),
+        (Some(text), None) if args.chat => Prompt::Chat(vec![Message::user(text)]),
+        (Some(text), None) => Prompt::Text(text),
         (None, None) => bail!("give --prompt or --prompt-ids"),
     };
-
-    let mut sampling = SamplingParams {
-        temperature: args.temperature,
-        ..SamplingParams::default()
+    let options = RequestOptions {
+        max_tokens: Some(u32::try_from(args.max_tokens).unwrap_or(u32::MAX)),
+        temperature: Some(args.temperature.into()),
+        top_k: args.top_k,
+        top_p: args.top_p.map(f64::from),
+        min_p: args.min_p.map(f64::from),
+        repeat_penalty: args.repeat_penalty.map(f64::from),
+        seed: args.seed,
+        stop: args.stop,
     };
-    if let Some(k) = args.top_k {
-        sampling.top_k = k;
-    }
-    if let Some(p) = args.top_p {
-        sampling.top_p = p;
-    }
-    if let Some(p) = args.min_p {
-        sampling.min_p = p;
-    }
-    if let Some(p) = args.repeat_penalty {
-        sampling.repeat_penalty = p;
-    }
-    if let Some(seed) = args.seed {
-        sampling.seed = Some(seed);
-    }
-    sampling.validate()?;
-    let request = GenerateRequest {
-        prompt,
-        sampling,
-        max_tokens: args.max_tokens,
-        stop: args.stop.clone(),
-    };
+    let request = engine
+        .text()
+        .prepare(prompt, options, 0)
+        .map_err(|e| match e {
+            RequestError::NoChatTemplate => anyhow::anyhow!("--chat: {e}"),
+            e => e.into(),
+        })?;
 
-    let mut session = engine.new_session()?;
+    let mut conversation = engine.new_conversation()?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut write_error = None;
-    let outcome = session.generate(&request, &|| false, &mut |piece| {
+    let outcome = conversation.generate(&request, &|| None, &mut |piece| {
         if args.ids || write_error.is_some() {
             return;
         }

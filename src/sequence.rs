@@ -1,5 +1,6 @@
-//! One conversation's position in the model: which tokens its KV cache holds, and the
-//! forward passes that extend it.
+//! A token sequence in the model: which tokens its KV cache holds, and the forward passes
+//! that extend it. Token ids in, logits out; no text and no sampling (see
+//! [`crate::engine::Conversation`]).
 //!
 //! The KV cache lives inside the tract state (tract-transformers turned the graph's
 //! past/present tensors into op state), so a step feeds only new tokens. Prompts are
@@ -18,7 +19,7 @@ use crate::model::{Model, ModelError, ModelState};
 pub const PREFILL_CHUNK: usize = 128;
 
 #[derive(Debug, thiserror::Error)]
-pub enum SessionError {
+pub enum SequenceError {
     #[error("{needed} tokens do not fit the context of {context_length}")]
     ContextFull {
         needed: usize,
@@ -32,13 +33,14 @@ pub enum SessionError {
     Run(TractError),
 }
 
-impl From<TractError> for SessionError {
+impl From<TractError> for SequenceError {
     fn from(e: TractError) -> Self {
-        SessionError::Run(e)
+        SequenceError::Run(e)
     }
 }
 
-pub struct Session {
+/// The tokens fed so far and their keys and values.
+pub struct Sequence {
     model: Arc<Model>,
     state: ModelState,
     /// The tokens whose keys and values are in the cache, in order.
@@ -47,14 +49,14 @@ pub struct Session {
     vocab: usize,
 }
 
-impl Session {
+impl Sequence {
     pub fn new(
         model: Arc<Model>,
         context_length: usize,
         vocab: usize,
-    ) -> Result<Self, SessionError> {
+    ) -> Result<Self, SequenceError> {
         let state = model.new_state()?;
-        Ok(Session {
+        Ok(Sequence {
             model,
             state,
             cached: Vec::new(),
@@ -75,7 +77,7 @@ impl Session {
     /// Prepares the cache for `prompt` and returns how many of its tokens are already
     /// there. At least the last prompt token is always left to feed, since its logits
     /// are needed to sample the first new token.
-    pub fn reuse_prefix(&mut self, prompt: &[u32]) -> Result<usize, SessionError> {
+    pub fn reuse_prefix(&mut self, prompt: &[u32]) -> Result<usize, SequenceError> {
         let common = self
             .cached
             .iter()
@@ -95,7 +97,7 @@ impl Session {
     }
 
     /// Forgets everything cached.
-    pub fn reset(&mut self) -> Result<(), SessionError> {
+    pub fn reset(&mut self) -> Result<(), SequenceError> {
         self.state = self.model.new_state()?;
         self.cached.clear();
         crate::memory::release_free_heap();
@@ -104,16 +106,16 @@ impl Session {
 
     /// Runs `tokens` through the model after the cached ones and returns the logits that
     /// follow the last of them.
-    pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SessionError> {
+    pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SequenceError> {
         let needed = self.cached.len() + tokens.len();
         if needed > self.context_length {
-            return Err(SessionError::ContextFull {
+            return Err(SequenceError::ContextFull {
                 needed,
                 context_length: self.context_length,
             });
         }
         if let Some(&id) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
-            return Err(SessionError::BadToken {
+            return Err(SequenceError::BadToken {
                 id,
                 vocab: self.vocab,
             });
@@ -128,7 +130,7 @@ impl Session {
         Ok(logits)
     }
 
-    fn forward(&mut self, chunk: &[u32]) -> Result<Vec<f32>, SessionError> {
+    fn forward(&mut self, chunk: &[u32]) -> Result<Vec<f32>, SequenceError> {
         let start = self.cached.len() as i64;
         let n = chunk.len();
         let ids: Vec<i64> = chunk.iter().map(|&t| t as i64).collect();
