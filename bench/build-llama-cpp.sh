@@ -6,7 +6,7 @@
 # (tests/fixtures/smollm2/make_llama_cpp_reference.py), where no speed is involved. Beside the
 # build, a venv with bench/requirements.txt: cmake, the GGUF writer's packages and the binding's.
 #
-#   bench/build-llama-cpp.sh [DIR]      (default DIR: /work/llama)
+#   bench/build-llama-cpp.sh [DIR]      (default DIR: target/llama.cpp in the repository)
 #
 # Idempotent: the sdist, the unpacked source and the build are kept in DIR and reused. Built for
 # this CPU (GGML_NATIVE) but without AMX: the tile instructions fault where the kernel or the
@@ -18,7 +18,8 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 version=0.3.36
-dir="$(mkdir -p "${1:-/work/llama}" && cd "${1:-/work/llama}" && pwd)"
+dir="${1:-$repo/target/llama.cpp}"
+dir="$(mkdir -p "$dir" && cd "$dir" && pwd)"
 jobs="${JOBS:-2}"
 sdist="$dir/sdist/llama_cpp_python-$version.tar.gz"
 src="$dir/llama_cpp_python-$version"

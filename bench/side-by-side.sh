@@ -11,7 +11,7 @@
 #   e.g. SHAPES=smollm2-135m bench/side-by-side.sh /var/tmp/side-by-side
 #
 # SHAPES (default: smollm2-135m tinyllama-1.1b mistral-7b), THREADS (2), REPS (3: repetitions of
-# each figure on both sides, averaged), LLAMA_DIR (llama.cpp's build, /work/llama). llama.cpp is
+# each figure on both sides, averaged), LLAMA_DIR (llama.cpp's build, target/llama.cpp). llama.cpp is
 # built from the llama-cpp-python sdist by bench/build-llama-cpp.sh (once; a long build on two
 # cores). The 7B shape needs about 16 GB of disk in WORK_DIR (default: target/side-by-side) and as
 # much free memory for the page cache if the figures are to be memory-bound rather than disk-bound.
@@ -29,7 +29,7 @@ short=16
 long=1024
 mkdir -p "$work"
 
-eval "$("$repo/bench/build-llama-cpp.sh" "${LLAMA_DIR:-/work/llama}" | tail -n 4)"
+eval "$("$repo/bench/build-llama-cpp.sh" "${LLAMA_DIR:-$repo/target/llama.cpp}" | tail -n 4)"
 echo "llama.cpp: $LLAMA_VERSION ($LLAMA_BIN)"
 (cd "$repo" && cargo build --release -p marengo-export -p marengo --bin marengo-export --bin marengo-bench)
 target="${CARGO_TARGET_DIR:-$repo/target}/release"

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use marengo::engine::{Engine, EngineError, EngineOptions};
-use marengo::session::SessionError;
+use marengo::sequence::SequenceError;
 use marengo_testkit::{Kind, tiny_bundle};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestRunner};
@@ -134,7 +134,7 @@ enum AfterLoad {
     #[error("opening a session: {0}")]
     Session(#[from] EngineError),
     #[error("generating: {0}")]
-    Generate(#[from] SessionError),
+    Generate(#[from] SequenceError),
 }
 
 /// Loads the damaged bundle and, when that works, generates a few tokens, which must not panic

@@ -112,7 +112,7 @@ async fn fifty_clients_each_get_exactly_their_own_streams() {
     let daemon = Daemon::start(
         &dir,
         &bus.address,
-        &["--queue-length", "64", "--max-queued-per-client", "4"],
+        &["--queue-capacity", "64", "--max-queued-per-client", "4"],
     );
 
     let connection = connect(&bus.address).await;

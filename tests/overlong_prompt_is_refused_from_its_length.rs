@@ -32,7 +32,7 @@ fn check_refusal(what: &str, result: Result<(), Llm1Error>, took: Duration, cont
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_megabytes_are_refused_without_being_tokenized() {
-    let dir = scratch_dir("overlong_prompt_is_refused_from_its_length");
+    let dir = scratch_dir("overlong_prompt");
     // dbus-daemon's own default max_message_size is 128 MiB (Debian's session.conf raises it
     // to 1 GB, its system.conf keeps the default): a 20 MB prompt reaches the daemon.
     let bus = Bus::session_like(&dir);

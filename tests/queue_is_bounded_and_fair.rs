@@ -17,6 +17,7 @@ async fn busy_past_the_bounds_and_clients_take_turns() {
     let daemon = Daemon::start(
         &dir,
         &bus.address,
+        // The deprecated spelling of --queue-capacity, so that the alias stays covered.
         &["--queue-length", "4", "--max-queued-per-client", "3"],
     );
     let alice = connect(&bus.address).await;

@@ -32,7 +32,7 @@ fn marengoctl(address: &str, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokenize_detokenize_properties_and_status_after_an_idle_unload() {
-    let dir = scratch_dir("text_requests_never_map_the_weights");
+    let dir = scratch_dir("text_requests");
     let bus = Bus::session_like(&dir);
     let daemon = Daemon::start(&dir, &bus.address, &["--idle-unload-secs", "1"]);
     let connection = connect(&bus.address).await;

@@ -24,24 +24,18 @@ pub(crate) fn profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// The running test binary's name without cargo's hash (`client_disconnect_cancels`).
-pub(crate) fn test_binary() -> String {
-    let exe = std::env::current_exe().expect("the test binary knows its path");
-    let stem = exe
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "test".into());
-    match stem.rsplit_once('-') {
-        Some((name, _hash)) => name.to_owned(),
-        None => stem,
-    }
-}
-
-/// A fresh, empty directory `name` for one test, under `target/<profile>/tmp/<test binary>/`:
-/// it outlives the test for a look after a failure, and is emptied when the test runs again.
-/// Readable by other users (the system-bus test runs the daemon as another user).
+/// A fresh, empty directory `name` for one test, under `target/tmp/` (`target/<triple>/tmp/`
+/// in a cross build): it outlives the test for a look after a failure, and is emptied when the
+/// test runs again. Kept short on purpose: the D-Bus tests put Unix sockets in it, whose paths
+/// may not exceed 107 bytes. Test binaries run one after another, so names need only be unique
+/// within one binary. Readable by other users (the system-bus test runs the daemon as another
+/// user).
 pub fn scratch_dir(name: &str) -> PathBuf {
-    let dir = profile_dir().join("tmp").join(test_binary()).join(name);
+    let dir = profile_dir()
+        .parent()
+        .expect("a profile directory has a parent")
+        .join("tmp")
+        .join(name);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("removing {}: {e}", dir.display()));
     }
