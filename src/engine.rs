@@ -171,13 +171,13 @@ impl Engine {
     pub fn new_conversation(self: &Arc<Self>) -> Result<Conversation, EngineError> {
         Ok(Conversation {
             engine: self.clone(),
-            sequence: self.new_model_session()?,
+            sequence: self.new_sequence()?,
         })
     }
 
     /// A bare token sequence, without sampling or text: for benchmarks and numerical checks
     /// that feed token ids and read logits.
-    pub fn new_model_session(&self) -> Result<Sequence, EngineError> {
+    pub fn new_sequence(&self) -> Result<Sequence, EngineError> {
         let arch = &self.manifest().architecture;
         Ok(Sequence::new(
             self.model.clone(),

@@ -160,7 +160,7 @@ fn load_and_generate(dir: &Path) {
 
 /// A prompt and two greedy tokens.
 fn generate(engine: &Engine) -> Result<(), AfterLoad> {
-    let mut session = engine.new_model_session()?;
+    let mut session = engine.new_sequence()?;
     let mut logits = session.feed(&[1, 415, 2936])?;
     for _ in 0..2 {
         let next = logits

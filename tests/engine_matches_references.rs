@@ -103,7 +103,7 @@ fn f32_bundle_matches_transformers(name: &'static str) {
     let scratch = tempfile::tempdir().expect("scratch dir");
     let bundle = bundle(&golden, scratch.path(), Kind::F32);
     let engine = load(&bundle);
-    let mut session = engine.new_model_session().expect("session");
+    let mut session = engine.new_sequence().expect("session");
     let vocab = golden.vocab;
 
     // One token at a time: every prompt position's logits, through the KV cache.
@@ -157,7 +157,7 @@ fn fp8_bundle_matches_onnxruntime(name: &'static str, kind: Kind) {
     } = ort_greedy(&bundle, &golden.prompt, steps, 1);
 
     let engine = load(&bundle);
-    let mut session = engine.new_model_session().expect("session");
+    let mut session = engine.new_sequence().expect("session");
     let (tokens, step_logits) = greedy(&mut session, &golden.prompt, steps);
     let worst = max_abs_diff(
         &step_logits.concat(),

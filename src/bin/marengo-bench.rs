@@ -87,7 +87,7 @@ fn main() -> anyhow::Result<()> {
     let bandwidth = marengo::kernels::measure_read_bandwidth(args.bandwidth_bytes);
 
     let mut tokens = Lcg(0x5eed);
-    let mut session = engine.new_model_session()?;
+    let mut session = engine.new_sequence()?;
     if args.warmup {
         let warm: Vec<u32> = (0..8).map(|_| tokens.next(vocab)).collect();
         session.feed(&warm)?;
