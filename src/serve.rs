@@ -95,7 +95,12 @@ pub enum ServeError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("cannot load the bundle {path}: {source}")]
-    Bundle { path: PathBuf, source: EngineError },
+    Bundle {
+        path: PathBuf,
+        // Boxed: the engine's errors carry the bundle's own, which would make every
+        // `ServeError` large.
+        source: Box<EngineError>,
+    },
     #[error("cannot start serving the bundle {path}: {source}")]
     Start { path: PathBuf, source: StartError },
     #[error("the model loading thread failed: {0}")]
@@ -316,7 +321,7 @@ async fn start_scheduler(config: &Config) -> Result<(Arc<Scheduler>, Arc<TextSid
         .await?
         .map_err(|source| ServeError::Bundle {
             path: bundle.clone(),
-            source,
+            source: Box::new(source),
         })?;
     let text = Arc::clone(engine.text());
     let reload_text = Arc::clone(&text);
