@@ -14,14 +14,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use marengo::chat::Message;
 use marengo::engine::{Engine, EngineOptions};
 use marengo::request::{Prompt, RequestOptions};
 use marengo_testkit::binaries::marengo_export;
 use marengo_testkit::onnxruntime::{OrtGreedy, ort_greedy};
-use marengo_testkit::{argmax, max_abs_diff, repo_root, run};
+use marengo_testkit::{argmax, max_abs_diff, repo_root, run, scratch_dir};
 
 const QUESTION: &str = "What is the capital of France?";
 /// Ordinary English prose for the FP8-vs-f32 comparison (written for this test).
@@ -140,16 +140,25 @@ fn prompt(engine: &Engine) -> Vec<u32> {
     request.expect("chat renders").prompt().to_vec()
 }
 
+/// The GGUF exported to FP8 and to f32, once for the tests of this binary, which only read them.
+fn bundles() -> (&'static Path, &'static Path) {
+    static BUNDLES: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    let (fp8, f32) = BUNDLES.get_or_init(|| {
+        let gguf = smollm2_gguf();
+        let dir = scratch_dir("smollm2");
+        let (fp8, f32) = (dir.join("fp8"), dir.join("f32"));
+        export(&gguf, &fp8, &[]);
+        export(&gguf, &f32, &["--dtype", "f32"]);
+        (fp8, f32)
+    });
+    (fp8, f32)
+}
+
 #[test]
 fn smollm2_fp8_answers_like_f32_and_onnxruntime() {
-    let gguf = smollm2_gguf();
-    let scratch = tempfile::tempdir().expect("scratch dir");
-    let fp8_dir = scratch.path().join("fp8");
-    let f32_dir = scratch.path().join("f32");
-    export(&gguf, &fp8_dir, &[]);
-    export(&gguf, &f32_dir, &["--dtype", "f32"]);
+    let (fp8_dir, f32_dir) = bundles();
 
-    let fp8 = load(&fp8_dir);
+    let fp8 = load(fp8_dir);
     let prompt = prompt(&fp8);
     let answer = greedy(&fp8, &prompt);
     let text = fp8
@@ -164,7 +173,7 @@ fn smollm2_fp8_answers_like_f32_and_onnxruntime() {
     );
 
     // The f32 bundle: the same prompt (same tokenizer and template), its own greedy answer.
-    let f32_engine = load(&f32_dir);
+    let f32_engine = load(f32_dir);
     assert_eq!(
         prompt,
         self::prompt(&f32_engine),
@@ -216,7 +225,7 @@ fn smollm2_fp8_answers_like_f32_and_onnxruntime() {
     let OrtGreedy {
         tokens: ort_greedy,
         logits: ort_logits,
-    } = ort_greedy(&fp8_dir, &prompt, answer.tokens.len(), 0);
+    } = ort_greedy(fp8_dir, &prompt, answer.tokens.len(), 0);
     let ours = answer.logits.concat();
     let compared = ours.len().min(ort_logits.len());
     let worst = max_abs_diff(&ours[..compared], &ort_logits[..compared]);
@@ -396,14 +405,9 @@ fn bucketed_kl(step: &LlamaCppStep, ours: &[f32]) -> f64 {
 #[test]
 fn smollm2_answers_like_llama_cpp() {
     let reference = llama_cpp_reference();
-    let gguf = smollm2_gguf();
-    let scratch = tempfile::tempdir().expect("scratch dir");
-    let fp8_dir = scratch.path().join("fp8");
-    let f32_dir = scratch.path().join("f32");
-    export(&gguf, &fp8_dir, &[]);
-    export(&gguf, &f32_dir, &["--dtype", "f32"]);
+    let (fp8_dir, f32_dir) = bundles();
 
-    let fp8 = load(&fp8_dir);
+    let fp8 = load(fp8_dir);
     let prompt = prompt(&fp8);
     let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
     assert_eq!(
@@ -423,7 +427,7 @@ fn smollm2_answers_like_llama_cpp() {
         reference.greedy_ids
     );
 
-    let f32_engine = load(&f32_dir);
+    let f32_engine = load(f32_dir);
     for (name, engine, bounds) in [
         ("FP8", &fp8, FP8_VS_LLAMA_CPP),
         ("f32", &f32_engine, F32_VS_LLAMA_CPP),
