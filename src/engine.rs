@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::model::Model;
+use crate::model::{Logits, Model};
 use crate::request::GenerateRequest;
 use crate::sampler::Sampler;
 use crate::sequence::{Sequence, SequenceError};
@@ -74,6 +74,9 @@ pub struct EngineOptions {
     pub threads: Option<usize>,
     /// Hash every file against the manifest (slow for a 7 GB bundle).
     pub verify_hashes: bool,
+    /// The positions whose logits a forward pass computes: the last one for generation,
+    /// every one for scoring a text ([`crate::perplexity`]).
+    pub logits: Logits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +116,7 @@ impl Engine {
     pub fn load(dir: &Path, options: &EngineOptions) -> Result<Arc<Engine>, EngineError> {
         let bundle = open(dir, options)?;
         let text = Arc::new(TextSide::load(&bundle)?);
-        Self::with_text(bundle, text)
+        Self::with_text(bundle, text, options.logits)
     }
 
     /// Loads the weights of the bundle in `dir` again, for a text side loaded before (after an
@@ -127,11 +130,15 @@ impl Engine {
         if bundle.manifest() != text.manifest() {
             return Err(EngineError::BundleChanged(dir.to_path_buf()));
         }
-        Self::with_text(bundle, text)
+        Self::with_text(bundle, text, options.logits)
     }
 
-    fn with_text(bundle: Bundle, text: Arc<TextSide>) -> Result<Arc<Engine>, EngineError> {
-        let model = Arc::new(Model::load(&bundle)?);
+    fn with_text(
+        bundle: Bundle,
+        text: Arc<TextSide>,
+        logits: Logits,
+    ) -> Result<Arc<Engine>, EngineError> {
+        let model = Arc::new(Model::load(&bundle, logits)?);
         // Parsing and optimising the graph leaves megabytes of freed protobuf and tract
         // intermediates on the heap.
         crate::memory::release_free_heap();

@@ -6,13 +6,15 @@
 //! past/present tensors into op state), so a step feeds only new tokens. Prompts are
 //! fed in chunks to bound the activation memory of a long prefill. A request whose prompt
 //! starts with the tokens already cached — the next turn of a chat — skips recomputing them.
+//! Generation reads the logits after the last token fed ([`Sequence::feed`]); scoring a text
+//! reads them after every token ([`Sequence::feed_every`]).
 
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
-use tract_onnx::tract_hir::internal::TractErrorContext;
+use tract_onnx::tract_hir::internal::{TractErrorContext, format_err};
 
-use crate::model::{Model, ModelError, ModelState};
+use crate::model::{Logits, Model, ModelError, ModelState};
 
 /// Tokens per forward pass while prefilling: large enough that the FP8 panels are reused
 /// across many rows, small enough to bound the activations of a 4096-token prompt.
@@ -27,6 +29,8 @@ pub enum SequenceError {
     },
     #[error("token id {id} is outside the vocabulary of {vocab}")]
     BadToken { id: u32, vocab: usize },
+    #[error("the model computes the last position's logits only: load it with every position's")]
+    LastPositionOnly,
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("running the model: {0:#}")]
@@ -107,6 +111,35 @@ impl Sequence {
     /// Runs `tokens` through the model after the cached ones and returns the logits that
     /// follow the last of them.
     pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SequenceError> {
+        self.check(tokens)?;
+        let mut logits = Vec::new();
+        for chunk in tokens.chunks(PREFILL_CHUNK) {
+            logits.clear();
+            self.forward(chunk, Rows::Last, &mut logits)?;
+        }
+        if tokens.len() > 1 {
+            crate::memory::release_free_heap();
+        }
+        Ok(logits)
+    }
+
+    /// Runs `tokens` through the model after the cached ones and returns the logits that
+    /// follow each of them, one row of `vocab` after another: for scoring a text. The model
+    /// must compute every position's logits ([`Logits::EveryPosition`]); the caller bounds
+    /// the memory by the length of `tokens` (`tokens.len() × vocab` floats).
+    pub fn feed_every(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SequenceError> {
+        if self.model.logits() != Logits::EveryPosition {
+            return Err(SequenceError::LastPositionOnly);
+        }
+        self.check(tokens)?;
+        let mut logits = Vec::with_capacity(tokens.len() * self.vocab);
+        for chunk in tokens.chunks(PREFILL_CHUNK) {
+            self.forward(chunk, Rows::Every, &mut logits)?;
+        }
+        Ok(logits)
+    }
+
+    fn check(&self, tokens: &[u32]) -> Result<(), SequenceError> {
         let needed = self.cached.len() + tokens.len();
         if needed > self.context_length {
             return Err(SequenceError::ContextFull {
@@ -120,17 +153,16 @@ impl Sequence {
                 vocab: self.vocab,
             });
         }
-        let mut logits = Vec::new();
-        for chunk in tokens.chunks(PREFILL_CHUNK) {
-            logits = self.forward(chunk)?;
-        }
-        if tokens.len() > 1 {
-            crate::memory::release_free_heap();
-        }
-        Ok(logits)
+        Ok(())
     }
 
-    fn forward(&mut self, chunk: &[u32]) -> Result<Vec<f32>, SequenceError> {
+    /// One forward pass over `chunk`; appends the logits of the `rows` asked for to `out`.
+    fn forward(
+        &mut self,
+        chunk: &[u32],
+        rows: Rows,
+        out: &mut Vec<f32>,
+    ) -> Result<(), SequenceError> {
         let start = self.cached.len() as i64;
         let n = chunk.len();
         let ids: Vec<i64> = chunk.iter().map(|&t| t as i64).collect();
@@ -147,6 +179,23 @@ impl Sequence {
             .last()
             .context("logits without a vocabulary axis")?;
         let all = logits.as_slice().context("logits are not contiguous")?;
-        Ok(all[all.len() - vocab..].to_vec())
+        match rows {
+            Rows::Last => out.extend_from_slice(&all[all.len() - vocab..]),
+            Rows::Every if all.len() == n * vocab => out.extend_from_slice(all),
+            Rows::Every => {
+                return Err(SequenceError::Run(format_err!(
+                    "{} logits for {n} positions of a vocabulary of {vocab}",
+                    all.len()
+                )));
+            }
+        }
+        Ok(())
     }
+}
+
+/// The rows of a forward pass's logits a caller keeps.
+#[derive(Clone, Copy)]
+enum Rows {
+    Last,
+    Every,
 }

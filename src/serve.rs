@@ -310,6 +310,7 @@ async fn start_scheduler(config: &Config) -> Result<(Arc<Scheduler>, Arc<TextSid
     let engine_options = EngineOptions {
         threads: config.threads,
         verify_hashes: config.verify_hashes,
+        ..EngineOptions::default()
     };
     let options = SchedulerOptions {
         queue_capacity: config.queue_capacity,

@@ -74,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         &EngineOptions {
             threads: Some(args.threads),
             verify_hashes: false,
+            ..EngineOptions::default()
         },
     )
     .with_context(|| format!("loading {}", args.bundle.display()))?;

@@ -54,12 +54,24 @@ impl From<TractError> for ModelError {
     }
 }
 
+/// Which positions of a forward pass the plan computes logits for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Logits {
+    /// The last position only: all that generation samples from ([`last_position`]).
+    #[default]
+    LastPosition,
+    /// Every position fed, as the bundle's graph states it: for scoring a text
+    /// (`marengod perplexity`), at the price of the LM head's product for every token.
+    EveryPosition,
+}
+
 /// A model ready to run: the optimised plan, shared by every session.
 #[derive(Debug)]
 pub struct Model {
     plan: Arc<TypedSimplePlan>,
     /// Number of FP8 weights served from the mapping (0 for an f32/f16 bundle).
     pub fp8_weights: usize,
+    logits: Logits,
 }
 
 /// The per-conversation state of a [`Model`]: the plan's op states, KV caches included.
@@ -67,8 +79,8 @@ pub type ModelState = TypedSimpleState;
 
 impl Model {
     /// Loads the bundle's graph, reading FP8 weights in place from its mapped
-    /// `model.weights`, with KV caches for its whole context.
-    pub fn load(bundle: &Bundle) -> Result<Model, ModelError> {
+    /// `model.weights`, with KV caches for its whole context, computing the `logits` asked for.
+    pub fn load(bundle: &Bundle, logits: Logits) -> Result<Model, ModelError> {
         let onnx_path = bundle.graph_path();
         let bytes = std::fs::read(&onnx_path).map_err(|source| ModelError::Io {
             path: onnx_path.display().to_string(),
@@ -87,11 +99,15 @@ impl Model {
                 rewrite::external_tensor(bundle, initializer)?;
             }
         }
-        if !last_position::keep_last_position(graph) {
-            tracing::warn!(
-                "no LM head found before `logits`: every position's logits are computed"
-            );
-        }
+        let logits = match logits {
+            Logits::LastPosition if !last_position::keep_last_position(graph) => {
+                tracing::warn!(
+                    "no LM head found before `logits`: every position's logits are computed"
+                );
+                Logits::EveryPosition
+            }
+            logits => logits,
+        };
 
         let mut onnx = tract_onnx::onnx();
         onnx.op_register
@@ -139,7 +155,14 @@ impl Model {
         Ok(Model {
             plan,
             fp8_weights: attached,
+            logits,
         })
+    }
+
+    /// The positions the plan computes logits for: [`Logits::EveryPosition`] also when the
+    /// last-position cut was asked for but the graph's head was not recognised.
+    pub fn logits(&self) -> Logits {
+        self.logits
     }
 
     /// A fresh state: empty KV cache.

@@ -74,6 +74,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let options = EngineOptions {
         threads: args.threads,
         verify_hashes: args.verify,
+        ..EngineOptions::default()
     };
     let engine = Engine::load(&args.bundle, &options)
         .with_context(|| format!("loading {}", args.bundle.display()))?;

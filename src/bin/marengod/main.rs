@@ -1,7 +1,9 @@
 //! `marengod`: the marengo daemon. `serve` offers generation over D-Bus; `generate` runs one
-//! generation in the foreground, without D-Bus, for users, scripts and checks.
+//! generation in the foreground, without D-Bus, for users, scripts and checks; `perplexity`
+//! scores a text, alone or against a reference bundle.
 
 mod generate;
+mod perplexity;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +25,8 @@ enum Command {
     Serve(serve::Args),
     /// Run one generation from a bundle and stream the text to stdout.
     Generate(generate::Args),
+    /// Perplexity of a bundle over a text file, and its KL divergence from a reference bundle.
+    Perplexity(perplexity::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -30,6 +34,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Perplexity(args) => perplexity::run(args),
     };
     match result {
         Ok(code) => code,
