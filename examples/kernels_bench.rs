@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use marengo::kernels::{Fp8Matrix, Isa, available_isas, measure_read_bandwidth};
+use marengo::kernels::{Fp8Matrix, Isa, Pool, available_isas, measure_read_bandwidth};
 use rand::{Rng, RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -67,10 +67,7 @@ fn main() -> anyhow::Result<()> {
 
     println!("kernels: {isa:?} (available: {:?})", available_isas());
     for &threads in &args.threads {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()?;
-        pool.install(|| run(isa, threads, &shapes, &args.tokens))?;
+        Pool::new(threads).install(|| run(isa, threads, &shapes, &args.tokens))?;
     }
     Ok(())
 }

@@ -205,8 +205,8 @@ fn open(dir: &Path, options: &EngineOptions) -> Result<Bundle, EngineError> {
     Ok(bundle)
 }
 
-/// Sizes the kernels' thread pool (rayon's global pool). It can be set once per process;
-/// a later different request is refused rather than silently ignored.
+/// Sizes the kernels' thread pool. It can be set once per process; a later different request
+/// is refused rather than silently ignored.
 fn set_threads(threads: usize) -> Result<(), EngineError> {
     if threads == 0 {
         return Err(EngineError::Threads {
@@ -214,17 +214,10 @@ fn set_threads(threads: usize) -> Result<(), EngineError> {
             message: "must be at least 1".into(),
         });
     }
-    match rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-    {
-        Ok(()) => Ok(()),
-        Err(_) if rayon::current_num_threads() == threads => Ok(()),
-        Err(e) => Err(EngineError::Threads {
-            threads,
-            message: e.to_string(),
-        }),
-    }
+    crate::kernels::pool::set_threads(threads).map_err(|e| EngineError::Threads {
+        threads,
+        message: e.to_string(),
+    })
 }
 
 /// One conversation's state: its KV cache and the tokens it holds. A new request whose

@@ -2,14 +2,14 @@
 //!
 //! Weights stay in their 8-bit mapped form; each kernel widens them on the fly. Decoding a whole
 //! token is a chain of matrix-vector products whose speed is the memory bandwidth, so
-//! [`Fp8Matrix::matvec`] splits rows across the rayon pool and does as little per weight as the
-//! CPU allows; a prompt is a matrix product, where [`Fp8Matrix::matmul`] dequantizes a panel of
+//! [`Fp8Matrix::matvec`] splits rows across the kernels' thread pool ([`pool`]) and does as
+//! little per weight as the CPU allows; a prompt is a matrix product, where [`Fp8Matrix::matmul`] dequantizes a panel of
 //! weights once and reuses it for every token.
 //!
 //! Each instruction set has its own file, selected at run time ([`Isa::best`]), and all are tested
 //! against one scalar reference written from the E4M3 definition ([`e4m3::value`]). The thread
-//! count is that of the rayon pool the call runs in: wrap calls in
-//! [`rayon::ThreadPool::install`] to choose it.
+//! count is that of the pool the call runs in: the process-wide one ([`pool::set_threads`]), or
+//! one a caller chose with [`Pool::install`].
 //!
 //! The decode step's attention ([`attention`]) follows the same pattern over f32 slices.
 //!
@@ -20,9 +20,11 @@ mod bandwidth;
 pub mod e4m3;
 mod matrix;
 mod parallel;
+pub mod pool;
 mod portable;
 mod prefetch;
 mod scalar;
+mod scratch;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -36,6 +38,7 @@ mod tests;
 
 pub use bandwidth::measure_read_bandwidth;
 pub use matrix::{BLOCK_GRANULE, Fp8Matrix, KernelError};
+pub use pool::Pool;
 
 use parallel::Backend;
 

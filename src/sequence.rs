@@ -169,9 +169,9 @@ impl Sequence {
         let positions: Vec<i64> = (start..start + n as i64).collect();
         let ids = Tensor::from_shape(&[1, n], &ids)?;
         let positions = Tensor::from_shape(&[1, n], &positions)?;
-        let state = &mut self.state;
-        let outputs =
-            rayon::scope(|_| state.run(tvec![ids.into_tvalue(), positions.into_tvalue()]))?;
+        let outputs = self
+            .state
+            .run(tvec![ids.into_tvalue(), positions.into_tvalue()])?;
         self.cached.extend_from_slice(chunk);
         let logits = outputs[0].to_plain_array_view::<f32>()?;
         let vocab = *logits

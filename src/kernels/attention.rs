@@ -10,7 +10,7 @@
 //! The queries that share a key-value head (grouped-query attention) are taken together, so each
 //! key and value is read once per step rather than once per query head: on the 7B shape at
 //! position 1024 that is 268 MB a token instead of 1 GB. The keys are split into tasks over the
-//! rayon pool, each with its own softmax maximum and sum, rescaled when the tasks are combined.
+//! kernels' pool, each with its own softmax maximum and sum, rescaled when the tasks are combined.
 //!
 //! As for the FP8 kernels, each instruction set has its own file, selected at run time
 //! ([`Isa`]), and all are tested against one scalar reference ([`Isa::Scalar`], in f64).
@@ -27,9 +27,9 @@ mod neon;
 #[cfg(test)]
 mod tests;
 
-use rayon::prelude::*;
+use std::sync::OnceLock;
 
-use super::{Isa, KernelError};
+use super::{Isa, KernelError, pool};
 
 /// The sizes of one decode step's attention. The queries are `[batch, query_heads, dim]`; the
 /// keys and values `[batch, kv_heads, capacity, dim]`, row-major, of which the first `len`
@@ -173,18 +173,25 @@ unsafe fn split(
     } = shape;
     let group = query_heads / kv_heads;
     let chunks = len.div_ceil(KEYS_PER_TASK);
-    let partials: Vec<Partial> = (0..batch * kv_heads * chunks)
-        .into_par_iter()
-        .map(|task| {
-            // Batch-major, so that the queries of a key-value head are consecutive.
-            let (head, chunk) = (task / chunks, task % chunks);
-            let first = head * capacity + chunk * KEYS_PER_TASK;
-            let last = head * capacity + ((chunk + 1) * KEYS_PER_TASK).min(len);
-            let rows = first * dim..last * dim;
-            let head_queries = &queries[head * group * dim..(head + 1) * group * dim];
-            // SAFETY: the CPU has the instruction set (caller).
-            unsafe { kernel(head_queries, &keys[rows.clone()], &values[rows], dim, scale) }
-        })
+    let slots: Vec<OnceLock<Partial>> = (0..batch * kv_heads * chunks)
+        .map(|_| OnceLock::new())
+        .collect();
+    pool::run(slots.len(), |task| {
+        // Batch-major, so that the queries of a key-value head are consecutive.
+        let (head, chunk) = (task / chunks, task % chunks);
+        let first = head * capacity + chunk * KEYS_PER_TASK;
+        let last = head * capacity + ((chunk + 1) * KEYS_PER_TASK).min(len);
+        let rows = first * dim..last * dim;
+        let head_queries = &queries[head * group * dim..(head + 1) * group * dim];
+        // SAFETY: the CPU has the instruction set (caller).
+        let partial =
+            unsafe { kernel(head_queries, &keys[rows.clone()], &values[rows], dim, scale) };
+        // Each task runs once, so its slot is empty.
+        let _ = slots[task].set(partial);
+    });
+    let partials: Vec<Partial> = slots
+        .into_iter()
+        .map(|slot| slot.into_inner().expect("every task ran"))
         .collect();
     out.fill(0.0);
     for (head_outputs, parts) in out.chunks_mut(group * dim).zip(partials.chunks(chunks)) {

@@ -17,6 +17,7 @@ use super::e4m3::{F16_RESCALE, SCALED_VALUES};
 use super::matrix::{Fp8Matrix, ScaleCursor};
 use super::parallel::{Backend, NR};
 use super::prefetch::{LINE, prefetch};
+use super::scratch::Scratch;
 
 pub(super) static BACKEND: Backend = Backend {
     mr: MR,
@@ -93,8 +94,8 @@ const STEP: usize = 32;
 
 /// Places `x` in the order in which [`decode_step`] produces weights: per step of 32, the even
 /// columns 0..16, the odd ones, then the even and odd columns 16..32. Zero-padded to whole steps.
-fn interleave(x: &[f32]) -> Vec<f32> {
-    let mut ordered = vec![0.0; x.len().next_multiple_of(STEP)];
+fn interleave(x: &[f32]) -> Scratch {
+    let mut ordered = Scratch::zeroed(x.len().next_multiple_of(STEP));
     for (col, &x) in x.iter().enumerate() {
         let within = col % STEP;
         let half = within / 16;

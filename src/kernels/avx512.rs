@@ -21,6 +21,7 @@ use super::e4m3::F16_RESCALE;
 use super::matrix::Fp8Matrix;
 use super::parallel::{Backend, NR};
 use super::prefetch::{LINE, prefetch};
+use super::scratch::Scratch;
 
 pub(super) static BACKEND: Backend = Backend {
     mr: MR,
@@ -163,8 +164,8 @@ const ROWS: usize = 4;
 /// Places `x` in the order in which [`decode_step`] produces weights: per step of 64, the even
 /// columns 0..32, the even columns 32..64, then the odd ones likewise. Zero-padded to whole
 /// steps.
-fn interleave(x: &[f32]) -> Vec<f32> {
-    let mut ordered = vec![0.0; x.len().next_multiple_of(STEP)];
+fn interleave(x: &[f32]) -> Scratch {
+    let mut ordered = Scratch::zeroed(x.len().next_multiple_of(STEP));
     for (col, &x) in x.iter().enumerate() {
         let within = col % STEP;
         let group = (within % 2) * 2 + within / 32;

@@ -4,8 +4,9 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use rayon::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use super::pool;
 use super::prefetch::{LINE, prefetch};
 
 /// Passes over the buffer; the fastest counts, as the one least disturbed by other work.
@@ -15,27 +16,28 @@ const PASSES: usize = 5;
 /// hardware prefetcher alone restarts at every page.
 const PREFETCH_AHEAD: usize = 4096;
 
-/// Bytes per second that the threads of the current rayon pool read when streaming through a
+/// Bytes per second that the threads of the current kernel pool read when streaming through a
 /// buffer of `buffer_bytes`, best of a few passes, each read both plainly and with software
 /// prefetch (whichever is faster: the ceiling must not be lower than what a kernel that
 /// prefetches its rows reaches). Make the buffer much larger than the last-level cache
 /// (1 GiB is a good size) so that the figure is DRAM's, not the cache's. Run it inside
-/// [`rayon::ThreadPool::install`] to choose the thread count.
+/// [`super::Pool::install`] to choose the thread count.
 pub fn measure_read_bandwidth(buffer_bytes: usize) -> f64 {
     // Non-zero contents: a zeroed allocation could be served from the shared zero page.
     let buffer = vec![1u64; (buffer_bytes / 8).max(1)];
     let bytes = buffer.len() * 8;
-    let chunk = buffer.len().div_ceil(rayon::current_num_threads());
+    let chunk = buffer.len().div_ceil(pool::threads());
     let mut best = 0.0f64;
     for _ in 0..PASSES {
         for sum in [sum_words, sum_words_prefetched, sum_words_streams] {
             let start = Instant::now();
-            let total = buffer
-                .par_chunks(chunk)
-                .map(sum)
-                .reduce(|| 0, u64::wrapping_add);
+            let total = AtomicU64::new(0);
+            pool::run(buffer.len().div_ceil(chunk), |index| {
+                let words = &buffer[index * chunk..((index + 1) * chunk).min(buffer.len())];
+                total.fetch_add(sum(words), Relaxed);
+            });
             let seconds = start.elapsed().as_secs_f64();
-            black_box(total);
+            black_box(total.into_inner());
             best = best.max(bytes as f64 / seconds);
         }
     }

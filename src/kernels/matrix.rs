@@ -39,6 +39,8 @@ pub enum KernelError {
         expected: usize,
         actual: usize,
     },
+    #[error("the kernels' thread pool already has {current} threads")]
+    ThreadsAlreadySet { current: usize },
     #[error("row {row} is out of range for an FP8 matrix of {rows} rows")]
     RowOutOfRange { row: usize, rows: usize },
     #[error("{0:?} is not the shape of a decode step's attention")]

@@ -2,9 +2,8 @@
 //! four small kernels (a [`Backend`]); the drivers here decide which rows each thread takes and how
 //! weights are staged through the caches.
 
-use rayon::prelude::*;
-
 use super::Fp8Matrix;
+use super::pool;
 use super::prefetch::{LINE, prefetch, prefetch_l2};
 
 /// The most rows of `X` (tokens) any implementation puts in one register tile.
@@ -54,7 +53,7 @@ pub(crate) struct Backend {
 }
 
 pub(super) fn matvec(backend: &Backend, w: &Fp8Matrix, x: &[f32], y: &mut [f32]) {
-    let threads = rayon::current_num_threads();
+    let threads = pool::threads();
     if threads == 1 || w.rows() * w.cols() < PARALLEL_MIN_BYTES {
         // SAFETY: the backend's CPU features are present (see `Backend`).
         unsafe { (backend.matvec_rows)(w, 0, x, y) };
@@ -64,7 +63,7 @@ pub(super) fn matvec(backend: &Backend, w: &Fp8Matrix, x: &[f32], y: &mut [f32])
         .rows()
         .div_ceil(threads * CHUNKS_PER_THREAD)
         .next_multiple_of(ROW_ALIGN);
-    y.par_chunks_mut(chunk).enumerate().for_each(|(index, y)| {
+    pool::for_each_chunk_mut(y, chunk, |index, y| {
         // SAFETY: as above.
         unsafe { (backend.matvec_rows)(w, index * chunk, x, y) };
     });
@@ -90,7 +89,7 @@ unsafe impl Sync for SharedOutput {}
 
 pub(super) fn matmul(backend: &Backend, w: &Fp8Matrix, x: &[f32], m: usize, y: &mut [f32]) {
     let strips = w.rows().div_ceil(NR);
-    let groups = rayon::current_num_threads().min(strips);
+    let groups = pool::threads().min(strips);
     let output = SharedOutput {
         start: y.as_mut_ptr(),
         len: y.len(),
@@ -103,7 +102,7 @@ pub(super) fn matmul(backend: &Backend, w: &Fp8Matrix, x: &[f32], m: usize, y: &
     if groups == 1 {
         matmul_columns(backend, w, x, m, output, columns(0));
     } else {
-        (0..groups).into_par_iter().for_each(|group| {
+        pool::run(groups, |group| {
             matmul_columns(backend, w, x, m, output, columns(group));
         });
     }

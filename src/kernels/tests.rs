@@ -118,11 +118,8 @@ fn vector_isas() -> Vec<Isa> {
     isas
 }
 
-fn pool(threads: usize) -> rayon::ThreadPool {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .expect("thread pool")
+fn pool(threads: usize) -> super::Pool {
+    super::Pool::new(threads)
 }
 
 /// Block sizes worth testing for a row length: none, the smallest, the common one, the whole row.
@@ -293,7 +290,7 @@ fn results_do_not_depend_on_thread_count() {
     for block in [None, Some(32)] {
         let matrix = TestMatrix::random(&mut rng, 301, 512, block);
         let x = random_vector(&mut rng, 5 * 512);
-        for threads in [1, 2, 3] {
+        for threads in [1, 2, 3, 4] {
             pool(threads).install(|| {
                 check_matvec(&matrix, &x[..512]);
                 check_matmul(&matrix, &x);
