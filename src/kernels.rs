@@ -159,6 +159,39 @@ impl Fp8Matrix<'_> {
         Ok(())
     }
 
+    /// `ys[i] = matrices[i] · x` for matrices that read the same input (a layer's q, k and v,
+    /// or its gate and up): one parallel dispatch over all their rows, so that the pool wakes
+    /// once and each thread reads one long run of weights instead of a slice of each matrix.
+    pub fn matvec_many(
+        matrices: &[Fp8Matrix],
+        x: &[f32],
+        ys: &mut [&mut [f32]],
+    ) -> Result<(), KernelError> {
+        Self::matvec_many_with(Isa::best(), matrices, x, ys)
+    }
+
+    /// [`Self::matvec_many`] with a chosen implementation.
+    pub fn matvec_many_with(
+        isa: Isa,
+        matrices: &[Fp8Matrix],
+        x: &[f32],
+        ys: &mut [&mut [f32]],
+    ) -> Result<(), KernelError> {
+        Self::check_operand("matvec_many outputs", ys.len(), matrices.len())?;
+        for (w, y) in matrices.iter().zip(ys.iter()) {
+            Self::check_operand("matvec input", x.len(), w.cols())?;
+            Self::check_operand("matvec output", y.len(), w.rows())?;
+        }
+        match isa.backend()? {
+            None => matrices
+                .iter()
+                .zip(ys.iter_mut())
+                .for_each(|(w, y)| scalar::matvec(w, x, y)),
+            Some(backend) => parallel::matvec_many(backend, matrices, x, ys),
+        }
+        Ok(())
+    }
+
     /// `Y = X · Wᵀ` for `X` of `[m, cols]` and `Y` of `[m, rows]`, both row-major: the prompt
     /// step, `m` tokens at once. `m` is `x.len() / cols`.
     pub fn matmul(&self, x: &[f32], y: &mut [f32]) -> Result<(), KernelError> {

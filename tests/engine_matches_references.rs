@@ -4,16 +4,19 @@
 //!   prompt position and every greedy step) and the same 20 greedy tokens, whether the
 //!   prompt is fed at once or one token at a time through the KV cache;
 //! - an FP8 bundle (per-channel and blocked scales) gives onnxruntime's greedy tokens on the
-//!   same bundle, and its logits stay close to onnxruntime's.
+//!   same bundle, and its logits stay close to onnxruntime's;
+//! - either way, tied or not, the loaded plan runs the LM head on the last position only.
 
 use std::path::{Path, PathBuf};
 
 use marengo::engine::{Engine, EngineOptions};
+use marengo::model::Model;
 use marengo::sequence::Sequence;
 use marengo_testkit::exporter::{synth, tokenizer_fixture};
 use marengo_testkit::onnxruntime::{OrtGreedy, ort_greedy};
 use marengo_testkit::{Kind, argmax, fixtures, max_abs_diff, repo_root};
 use safetensors::SafeTensors;
+use tract_onnx::prelude::TDim;
 
 const TOLERANCE: f32 = 1e-3;
 
@@ -98,10 +101,28 @@ fn load(bundle: &Path) -> std::sync::Arc<Engine> {
     Engine::load(bundle, &EngineOptions::default()).expect("bundle loads")
 }
 
+/// Whatever the head's form (f32 or FP8, tied or not, with the FP8 residual or not), the
+/// loaded plan computes the logits of the last position only.
+fn assert_head_reads_the_last_position(name: &str, bundle: &Path) {
+    let bundle = marengo_bundle::Bundle::open(bundle).expect("bundle opens");
+    let model = Model::load(&bundle).expect("model loads");
+    let typed = model.typed_model();
+    let logits = typed
+        .outlet_fact(typed.output_outlets().expect("outputs")[0])
+        .expect("logits fact");
+    assert_eq!(
+        logits.shape[1],
+        TDim::Val(1),
+        "{name}: logits of shape {:?} are computed for every position",
+        logits.shape
+    );
+}
+
 fn f32_bundle_matches_transformers(name: &'static str) {
     let golden = golden(name);
     let scratch = tempfile::tempdir().expect("scratch dir");
     let bundle = bundle(&golden, scratch.path(), Kind::F32);
+    assert_head_reads_the_last_position(name, &bundle);
     let engine = load(&bundle);
     let mut session = engine.new_sequence().expect("session");
     let vocab = golden.vocab;
@@ -156,6 +177,7 @@ fn fp8_bundle_matches_onnxruntime(name: &'static str, kind: Kind) {
         logits: ort_logits,
     } = ort_greedy(&bundle, &golden.prompt, steps, 1);
 
+    assert_head_reads_the_last_position(name, &bundle);
     let engine = load(&bundle);
     let mut session = engine.new_sequence().expect("session");
     let (tokens, step_logits) = greedy(&mut session, &golden.prompt, steps);

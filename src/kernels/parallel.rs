@@ -69,6 +69,37 @@ pub(super) fn matvec(backend: &Backend, w: &Fp8Matrix, x: &[f32], y: &mut [f32])
     });
 }
 
+/// [`matvec`] over several matrices that read the same `x`, as one dispatch: the rows of all of
+/// them are cut into chunks of one size, a chunk never straddling two matrices.
+pub(super) fn matvec_many(backend: &Backend, ws: &[Fp8Matrix], x: &[f32], ys: &mut [&mut [f32]]) {
+    let threads = rayon::current_num_threads();
+    let bytes: usize = ws.iter().map(|w| w.rows() * w.cols()).sum();
+    if threads == 1 || bytes < PARALLEL_MIN_BYTES {
+        for (w, y) in ws.iter().zip(ys.iter_mut()) {
+            // SAFETY: the backend's CPU features are present (see `Backend`).
+            unsafe { (backend.matvec_rows)(w, 0, x, y) };
+        }
+        return;
+    }
+    let rows: usize = ws.iter().map(Fp8Matrix::rows).sum();
+    let chunk = rows
+        .div_ceil(threads * CHUNKS_PER_THREAD)
+        .next_multiple_of(ROW_ALIGN);
+    let chunks: Vec<(&Fp8Matrix, usize, &mut [f32])> = ws
+        .iter()
+        .zip(ys.iter_mut())
+        .flat_map(|(w, y)| {
+            y.chunks_mut(chunk)
+                .enumerate()
+                .map(move |(index, y)| (w, index * chunk, y))
+        })
+        .collect();
+    chunks.into_par_iter().for_each(|(w, first_row, y)| {
+        // SAFETY: as above.
+        unsafe { (backend.matvec_rows)(w, first_row, x, y) };
+    });
+}
+
 pub(super) fn gather_rows(backend: &Backend, w: &Fp8Matrix, rows: &[usize], out: &mut [f32]) {
     for (&row, out) in rows.iter().zip(out.chunks_exact_mut(w.cols())) {
         // SAFETY: the backend's CPU features are present (see `Backend`).

@@ -317,6 +317,41 @@ fn gather_rows_matches_reference() {
     }
 }
 
+/// Matrices of a layer's q/k/v shape, large enough to be split across threads: each output is
+/// the single matrix's product, bit for bit, at every thread count.
+#[test]
+fn matvec_many_equals_one_matvec_per_matrix() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let cols = 160;
+    for block in [None, Some(32)] {
+        let matrices: Vec<TestMatrix> = [576, 192, 200]
+            .into_iter()
+            .map(|rows| TestMatrix::random(&mut rng, rows, cols, block))
+            .collect();
+        let views: Vec<Fp8Matrix> = matrices.iter().map(TestMatrix::view).collect();
+        let x = random_vector(&mut rng, cols);
+        for isa in available_isas() {
+            let single: Vec<Vec<f32>> = views
+                .iter()
+                .map(|w| {
+                    let mut y = vec![f32::NAN; w.rows()];
+                    w.matvec_with(isa, &x, &mut y).expect("matvec");
+                    y
+                })
+                .collect();
+            for threads in [1, 2, 3] {
+                let mut got: Vec<Vec<f32>> =
+                    views.iter().map(|w| vec![f32::NAN; w.rows()]).collect();
+                let mut outputs: Vec<&mut [f32]> = got.iter_mut().map(Vec::as_mut_slice).collect();
+                pool(threads).install(|| {
+                    Fp8Matrix::matvec_many_with(isa, &views, &x, &mut outputs).expect("matvec_many")
+                });
+                assert_eq!(got, single, "{isa:?} {threads} threads {block:?}");
+            }
+        }
+    }
+}
+
 #[test]
 fn bad_operands_are_refused() {
     let matrix = TestMatrix::random(&mut ChaCha8Rng::seed_from_u64(7), 4, 32, None);
@@ -336,6 +371,14 @@ fn bad_operands_are_refused() {
             operand: "matmul output",
             expected: 8,
             actual: 4
+        }
+    );
+    assert_eq!(
+        Fp8Matrix::matvec_many(&[w, w], &[0.0; 32], &mut [&mut y]).unwrap_err(),
+        KernelError::Operand {
+            operand: "matvec_many outputs",
+            expected: 2,
+            actual: 1
         }
     );
     assert_eq!(

@@ -119,10 +119,13 @@ impl MappedFp8 {
     }
 }
 
-/// `y = x · Wᵀ` for f32 `x[.., cols]`, giving `y[.., rows]`.
+/// `y_i = x · W_iᵀ` for f32 `x[.., cols]`, giving one output `y_i[.., rows_i]` per weight.
+/// The weights share the input (a layer's q, k and v; its gate and up; the head and its
+/// residual), so a decode step runs them as one [`Fp8Matrix::matvec_many`]: one dispatch of
+/// the pool instead of one per matrix. A prompt chunk runs one matrix product per weight.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Fp8Linear {
-    pub weight: MappedFp8,
+    pub weights: TVec<MappedFp8>,
 }
 
 impl Op for Fp8Linear {
@@ -131,10 +134,26 @@ impl Op for Fp8Linear {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("{:?}", self.weight)])
+        Ok(self.weights.iter().map(|w| format!("{w:?}")).collect())
     }
 
     op_as_typed_op!();
+}
+
+impl Fp8Linear {
+    fn cols(&self) -> TractResult<usize> {
+        let cols = self
+            .weights
+            .first()
+            .context("Fp8Linear without weights")?
+            .cols;
+        ensure!(
+            self.weights.iter().all(|w| w.cols == cols),
+            "Fp8Linear over weights of different widths: {:?}",
+            self.weights
+        );
+        Ok(cols)
+    }
 }
 
 impl EvalOp for Fp8Linear {
@@ -146,46 +165,68 @@ impl EvalOp for Fp8Linear {
         let shape = x.shape();
         let k = *shape.last().context("Fp8Linear on a scalar")?;
         ensure!(
-            k == self.weight.cols,
-            "{}: input has {k} features, weight {}",
-            self.weight.name,
-            self.weight.cols
+            k == self.cols()?,
+            "{:?}: input has {k} features",
+            self.weights
         );
         let m = shape[..shape.len() - 1].iter().product::<usize>();
-        let mut out_shape: TVec<usize> = shape.into();
-        *out_shape.last_mut().context("rank")? = self.weight.rows;
-        let mut y = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
-        let matrix = self.weight.matrix()?;
+        let mut outputs = self
+            .weights
+            .iter()
+            .map(|w| {
+                let mut out_shape: TVec<usize> = shape.into();
+                *out_shape.last_mut().context("rank")? = w.rows;
+                Ok(unsafe { Tensor::uninitialized::<f32>(&out_shape)? })
+            })
+            .collect::<TractResult<TVec<Tensor>>>()?;
+        let matrices = self
+            .weights
+            .iter()
+            .map(MappedFp8::matrix)
+            .collect::<TractResult<TVec<_>>>()?;
         {
             let xview = x.try_as_plain_ram()?;
             let xs = xview.as_slice::<f32>()?;
-            let mut yview = y.try_as_plain_ram_mut()?;
-            let ys = yview.as_slice_mut::<f32>()?;
+            let mut views = outputs
+                .iter_mut()
+                .map(Tensor::try_as_plain_ram_mut)
+                .collect::<TractResult<TVec<_>>>()?;
+            let mut ys = views
+                .iter_mut()
+                .map(|v| v.as_slice_mut::<f32>())
+                .collect::<TractResult<TVec<_>>>()?;
             if m == 1 {
-                matrix.matvec(xs, ys)
+                Fp8Matrix::matvec_many(&matrices, xs, &mut ys)
+                    .map_err(|e| format_err!("{:?}: {e}", self.weights))?;
             } else {
-                matrix.matmul(xs, ys)
+                for ((matrix, y), weight) in matrices.iter().zip(ys.iter_mut()).zip(&self.weights) {
+                    matrix
+                        .matmul(xs, y)
+                        .map_err(|e| format_err!("{}: {e}", weight.name))?;
+                }
             }
-            .map_err(|e| format_err!("{}: {e}", self.weight.name))?;
         }
-        Ok(tvec!(y.into_tvalue()))
+        Ok(outputs.into_iter().map(Tensor::into_tvalue).collect())
     }
 }
 
 impl TypedOp for Fp8Linear {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let mut shape: TVec<TDim> = inputs[0].shape.iter().cloned().collect();
-        let last = shape.last_mut().context("Fp8Linear on a scalar")?;
-        *last = self.weight.rows.to_dim();
-        Ok(tvec!(f32::fact(shape)))
+        self.weights
+            .iter()
+            .map(|w| {
+                let mut shape: TVec<TDim> = inputs[0].shape.iter().cloned().collect();
+                let last = shape.last_mut().context("Fp8Linear on a scalar")?;
+                *last = w.rows.to_dim();
+                Ok(f32::fact(shape))
+            })
+            .collect()
     }
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
         let m: TDim = inputs[0].shape.iter().rev().skip(1).product();
-        Ok(tvec!((
-            Cost::FMA(f32::datum_type()),
-            m * (self.weight.rows * self.weight.cols)
-        )))
+        let weights: usize = self.weights.iter().map(|w| w.rows * w.cols).sum();
+        Ok(tvec!((Cost::FMA(f32::datum_type()), m * weights)))
     }
 
     as_op!();
@@ -254,15 +295,17 @@ impl TypedOp for Fp8Gather {
 
 /// The parse-time stand-in for [`Fp8Linear`] or [`Fp8Gather`]: tract-onnx's op builders
 /// are plain functions and cannot capture the mapping, so the parser places this node
-/// with the weight's name and shape, and the loader attaches the mapped weight before the
+/// with the weights' names and shapes, and the loader attaches the mapped weights before the
 /// model is typed.
 #[derive(Clone, Debug)]
 pub struct Fp8Node {
     pub kind: Fp8NodeKind,
-    pub weight_name: String,
-    pub rows: usize,
+    /// One per output; only a linear node has several (see [`Fp8Linear`]).
+    pub weight_names: Vec<String>,
+    pub rows: Vec<usize>,
     pub cols: usize,
-    pub weight: Option<MappedFp8>,
+    /// Attached by the loader, in the order of `weight_names`.
+    pub weights: Vec<MappedFp8>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -279,6 +322,10 @@ impl Expansion for Fp8Node {
         }
     }
 
+    fn nboutputs(&self) -> TractResult<usize> {
+        Ok(self.weight_names.len())
+    }
+
     fn rules<'r, 'p: 'r, 's: 'r>(
         &'s self,
         s: &mut Solver<'r>,
@@ -286,21 +333,26 @@ impl Expansion for Fp8Node {
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
         check_input_arity(inputs, 1)?;
-        check_output_arity(outputs, 1)?;
-        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        check_output_arity(outputs, self.weight_names.len())?;
         match self.kind {
             Fp8NodeKind::Linear => {
-                let rows = self.rows.to_dim();
-                s.equals(&inputs[0].rank, &outputs[0].rank)?;
-                s.given(&inputs[0].rank, move |s, rank| {
-                    let rank = rank as usize;
-                    for ax in 0..rank - 1 {
-                        s.equals(&inputs[0].shape[ax], &outputs[0].shape[ax])?;
-                    }
-                    s.equals(&outputs[0].shape[rank - 1], rows.clone())
-                })
+                for (output, &rows) in outputs.iter().zip(&self.rows) {
+                    s.equals(&output.datum_type, f32::datum_type())?;
+                    s.equals(&inputs[0].rank, &output.rank)?;
+                    let rows = rows.to_dim();
+                    s.given(&inputs[0].rank, move |s, rank| {
+                        let rank = rank as usize;
+                        for ax in 0..rank - 1 {
+                            s.equals(&inputs[0].shape[ax], &output.shape[ax])?;
+                        }
+                        s.equals(&output.shape[rank - 1], rows.clone())
+                    })?;
+                }
+                Ok(())
             }
             Fp8NodeKind::Gather => {
+                check_output_arity(outputs, 1)?;
+                s.equals(&outputs[0].datum_type, f32::datum_type())?;
                 let cols = self.cols.to_dim();
                 s.given(&inputs[0].rank, move |s, rank| {
                     s.equals(&outputs[0].rank, rank + 1)?;
@@ -320,15 +372,24 @@ impl Expansion for Fp8Node {
         model: &mut TypedModel,
         inputs: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
-        let weight = self.weight.clone().with_context(|| {
-            format!(
-                "{prefix}: FP8 weight `{}` was never attached",
-                self.weight_name
-            )
-        })?;
-        match self.kind {
-            Fp8NodeKind::Linear => model.wire_node(prefix, Fp8Linear { weight }, inputs),
-            Fp8NodeKind::Gather => model.wire_node(prefix, Fp8Gather { table: weight }, inputs),
+        ensure!(
+            self.weights.len() == self.weight_names.len(),
+            "{prefix}: FP8 weights {:?} were never attached",
+            self.weight_names
+        );
+        match (self.kind, &self.weights[..]) {
+            (Fp8NodeKind::Linear, weights) => {
+                let weights = weights.iter().cloned().collect();
+                model.wire_node(prefix, Fp8Linear { weights }, inputs)
+            }
+            (Fp8NodeKind::Gather, [table]) => model.wire_node(
+                prefix,
+                Fp8Gather {
+                    table: table.clone(),
+                },
+                inputs,
+            ),
+            (Fp8NodeKind::Gather, _) => bail!("{prefix}: an FP8 lookup reads one table"),
         }
     }
 }

@@ -7,11 +7,16 @@
 //! model's weights), so this pass slices the head's input to the last position before the
 //! products. `logits` becomes `[batch, 1, vocab]`.
 //!
-//! The head is found from the graph's `logits` output: the node producing it is either the
-//! head's product (`MatMul` or marengo's FP8 linear) or the `Add` of the two products of a
-//! head with a residual. A graph of any other shape is left as it is; it runs, only slower.
+//! The head is found from the graph's `logits` output, through the `Identity` the exporter
+//! names it with: the node before is either the head's product (`MatMul` or marengo's FP8
+//! linear, whatever the weight's dtype and whether it is tied to the embedding) or the `Add`
+//! of the two products of a head with a residual. A graph of any other shape is left as it
+//! is; it runs, only slower.
 
 use marengo_bundle::graph::{ADD, LOGITS, MATMUL};
+
+/// The op that only names a value, as the exporter's `logits` output is named.
+const IDENTITY: &str = "Identity";
 use tract_onnx::pb::{self, GraphProto, NodeProto, TensorProto};
 
 use super::rewrite::FP8_LINEAR;
@@ -58,7 +63,14 @@ fn head_products(graph: &GraphProto) -> Option<Vec<usize>> {
             .iter()
             .position(|n| n.output.iter().any(|o| o == name))
     };
-    let logits = producer(LOGITS)?;
+    let mut logits = producer(LOGITS)?;
+    // Bounded, so that identities naming each other in a cycle leave the graph alone.
+    for _ in 0..graph.node.len() {
+        if graph.node[logits].op_type != IDENTITY {
+            break;
+        }
+        logits = producer(graph.node[logits].input.first()?)?;
+    }
     let heads = match graph.node[logits].op_type.as_str() {
         ADD => graph.node[logits]
             .input
@@ -174,6 +186,23 @@ mod tests {
         assert_eq!(sequence_dim(&g), Some(Value::DimValue(1)));
     }
 
+    /// The exporter names the head's sum through an `Identity`.
+    #[test]
+    fn a_head_behind_the_output_identity_reads_the_last_position() {
+        let mut g = graph(vec![
+            node(FP8_LINEAR, &["hidden"], "head"),
+            node(FP8_LINEAR, &["hidden"], "head.residual"),
+            node("Add", &["head", "head.residual"], "head.sum"),
+            node(IDENTITY, &["head.sum"], LOGITS),
+        ]);
+        assert!(keep_last_position(&mut g));
+        let ops: Vec<&str> = g.node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops, ["Slice", FP8_LINEAR, FP8_LINEAR, "Add", IDENTITY]);
+        assert_eq!(g.node[1].input, [LAST_HIDDEN]);
+        assert_eq!(g.node[2].input, [LAST_HIDDEN]);
+        assert_eq!(sequence_dim(&g), Some(Value::DimValue(1)));
+    }
+
     #[test]
     fn an_f32_head_reads_the_last_position() {
         let mut g = graph(vec![
@@ -198,6 +227,13 @@ mod tests {
             ],
             // No logits at all.
             vec![node("MatMul", &["a", "W"], "other")],
+            // An identity of nothing a product made.
+            vec![node(IDENTITY, &["hidden"], LOGITS)],
+            // Identities naming each other.
+            vec![
+                node(IDENTITY, &["a"], LOGITS),
+                node(IDENTITY, &[LOGITS], "a"),
+            ],
         ] {
             let mut g = graph(nodes);
             let before = g.clone();

@@ -4,7 +4,8 @@
 //! rewrites the FP8 patterns into marengo ops over the mapped `model.weights`, bound from the
 //! checked tensor table ([`rewrite`], [`fp8_ops`]), checks that every other initializer tract
 //! will read agrees with the table too, cuts the LM head to the last position
-//! ([`last_position`]), lets tract-onnx parse the rest, and
+//! ([`last_position`]), makes one op of the FP8 products that read the same input
+//! ([`shared_input`]), lets tract-onnx parse the rest, and
 //! applies tract-transformers' rewrites, which turn the graph's past→Concat→present KV
 //! inputs and outputs into cache state held inside the plan's state: a decode step then
 //! feeds only the new token, and the cache is never copied in or out.
@@ -14,6 +15,7 @@ pub mod fp8_ops;
 mod kv_cache;
 pub mod last_position;
 pub mod rewrite;
+pub mod shared_input;
 
 use marengo_bundle::Bundle;
 use marengo_bundle::manifest::GRAPH_FILE;
@@ -108,6 +110,7 @@ impl Model {
             }
             logits => logits,
         };
+        shared_input::group_shared_inputs(graph);
 
         let mut onnx = tract_onnx::onnx();
         onnx.op_register
@@ -129,19 +132,26 @@ impl Model {
             let Some(fp8) = expansion.as_any_mut().downcast_mut::<Fp8Node>() else {
                 continue;
             };
-            let binding = bindings
-                .get(&fp8.weight_name)
-                .with_context(|| format!("no FP8 binding for `{}`", fp8.weight_name))?;
-            fp8.weight = Some(MappedFp8::new(
-                &fp8.weight_name,
-                bundle.weights().clone(),
-                binding.codes.clone(),
-                binding.scales.clone(),
-                binding.rows,
-                binding.cols,
-                binding.block,
-            )?);
-            attached += 1;
+            let weights = fp8
+                .weight_names
+                .iter()
+                .map(|name| {
+                    let binding = bindings
+                        .get(name)
+                        .with_context(|| format!("no FP8 binding for `{name}`"))?;
+                    MappedFp8::new(
+                        name,
+                        bundle.weights().clone(),
+                        binding.codes.clone(),
+                        binding.scales.clone(),
+                        binding.rows,
+                        binding.cols,
+                        binding.block,
+                    )
+                })
+                .collect::<TractResult<Vec<_>>>()?;
+            attached += weights.len();
+            fp8.weights = weights;
         }
 
         let mut typed = model.into_typed()?;
@@ -180,16 +190,20 @@ fn fp8_node(
     kind: Fp8NodeKind,
     node: &pb::NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let weight_name: String = node.get_attr("weight")?;
-    let rows: usize = node.get_attr("rows")?;
-    let cols: usize = node.get_attr("cols")?;
+    let weight_names: Vec<String> = node.get_attr_vec(rewrite::WEIGHTS)?;
+    let rows: Vec<usize> = node.get_attr_vec(rewrite::ROWS)?;
+    let cols: usize = node.get_attr(rewrite::COLS)?;
+    node.expect(
+        !weight_names.is_empty() && rows.len() == weight_names.len(),
+        "one row count per weight",
+    )?;
     Ok((
         expand(Fp8Node {
             kind,
-            weight_name,
+            weight_names,
             rows,
             cols,
-            weight: None,
+            weights: Vec::new(),
         }),
         vec![],
     ))

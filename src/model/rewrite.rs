@@ -33,6 +33,11 @@ use tract_onnx::pb::{self, AttributeProto, GraphProto, NodeProto, TensorProto};
 pub const DOMAIN: &str = "ai.marengo";
 pub const FP8_LINEAR: &str = "MarengoFp8Linear";
 pub const FP8_GATHER: &str = "MarengoFp8Gather";
+/// The attributes of marengo's FP8 nodes: the weights' names and row counts, one per output,
+/// and their common row length.
+pub const WEIGHTS: &str = "weights";
+pub const ROWS: &str = "rows";
+pub const COLS: &str = "cols";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RewriteError {
@@ -276,12 +281,6 @@ fn marengo_node(
     weight: &str,
     binding: &Fp8Binding,
 ) -> NodeProto {
-    let int = |name: &str, i: i64| AttributeProto {
-        name: name.into(),
-        r#type: pb::attribute_proto::AttributeType::Int as i32,
-        i,
-        ..Default::default()
-    };
     NodeProto {
         name: replaced.name.clone(),
         op_type: op_type.into(),
@@ -290,13 +289,23 @@ fn marengo_node(
         output: replaced.output.clone(),
         attribute: vec![
             AttributeProto {
-                name: "weight".into(),
-                r#type: pb::attribute_proto::AttributeType::String as i32,
-                s: weight.as_bytes().to_vec(),
+                name: WEIGHTS.into(),
+                r#type: pb::attribute_proto::AttributeType::Strings as i32,
+                strings: vec![weight.as_bytes().to_vec()],
                 ..Default::default()
             },
-            int("rows", binding.rows as i64),
-            int("cols", binding.cols as i64),
+            AttributeProto {
+                name: ROWS.into(),
+                r#type: pb::attribute_proto::AttributeType::Ints as i32,
+                ints: vec![binding.rows as i64],
+                ..Default::default()
+            },
+            AttributeProto {
+                name: COLS.into(),
+                r#type: pb::attribute_proto::AttributeType::Int as i32,
+                i: binding.cols as i64,
+                ..Default::default()
+            },
         ],
         ..Default::default()
     }
