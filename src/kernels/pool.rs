@@ -328,7 +328,9 @@ impl Shared {
 /// A worker's life: wait for an epoch, help with its job, again until the pool is dropped.
 fn work(shared: Arc<Shared>) {
     CURRENT.set(Some(shared.clone()));
-    let mut seen = shared.epoch.load(SeqCst);
+    // The epoch the pool was made with, not the current one: a call or the drop that came
+    // before this thread started must still be seen.
+    let mut seen = 0;
     loop {
         seen = shared.wait_for_epoch(seen);
         if shared.stop.load(SeqCst) {
