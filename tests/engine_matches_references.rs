@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use marengo::engine::{Engine, EngineOptions};
-use marengo::model::Model;
+use marengo::model::{Logits, Model};
 use marengo::sequence::Sequence;
 use marengo_testkit::exporter::{synth, tokenizer_fixture};
 use marengo_testkit::onnxruntime::{OrtGreedy, ort_greedy};
@@ -105,7 +105,7 @@ fn load(bundle: &Path) -> std::sync::Arc<Engine> {
 /// loaded plan computes the logits of the last position only.
 fn assert_head_reads_the_last_position(name: &str, bundle: &Path) {
     let bundle = marengo_bundle::Bundle::open(bundle).expect("bundle opens");
-    let model = Model::load(&bundle).expect("model loads");
+    let model = Model::load(&bundle, Logits::LastPosition).expect("model loads");
     let typed = model.typed_model();
     let logits = typed
         .outlet_fact(typed.output_outlets().expect("outputs")[0])

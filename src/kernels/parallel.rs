@@ -72,7 +72,7 @@ pub(super) fn matvec(backend: &Backend, w: &Fp8Matrix, x: &[f32], y: &mut [f32])
 /// [`matvec`] over several matrices that read the same `x`, as one dispatch: the rows of all of
 /// them are cut into chunks of one size, a chunk never straddling two matrices.
 pub(super) fn matvec_many(backend: &Backend, ws: &[Fp8Matrix], x: &[f32], ys: &mut [&mut [f32]]) {
-    let threads = rayon::current_num_threads();
+    let threads = pool::threads();
     let bytes: usize = ws.iter().map(|w| w.rows() * w.cols()).sum();
     if threads == 1 || bytes < PARALLEL_MIN_BYTES {
         for (w, y) in ws.iter().zip(ys.iter_mut()) {
@@ -85,7 +85,7 @@ pub(super) fn matvec_many(backend: &Backend, ws: &[Fp8Matrix], x: &[f32], ys: &m
     let chunk = rows
         .div_ceil(threads * CHUNKS_PER_THREAD)
         .next_multiple_of(ROW_ALIGN);
-    let chunks: Vec<(&Fp8Matrix, usize, &mut [f32])> = ws
+    let mut chunks: Vec<(&Fp8Matrix, usize, &mut [f32])> = ws
         .iter()
         .zip(ys.iter_mut())
         .flat_map(|(w, y)| {
@@ -94,9 +94,11 @@ pub(super) fn matvec_many(backend: &Backend, ws: &[Fp8Matrix], x: &[f32], ys: &m
                 .map(move |(index, y)| (w, index * chunk, y))
         })
         .collect();
-    chunks.into_par_iter().for_each(|(w, first_row, y)| {
-        // SAFETY: as above.
-        unsafe { (backend.matvec_rows)(w, first_row, x, y) };
+    pool::for_each_chunk_mut(&mut chunks, 1, |_, chunk| {
+        for (w, first_row, y) in chunk {
+            // SAFETY: as above.
+            unsafe { (backend.matvec_rows)(w, *first_row, x, y) };
+        }
     });
 }
 
