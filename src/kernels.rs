@@ -170,6 +170,9 @@ impl Fp8Matrix<'_> {
         match isa.backend()? {
             None => scalar::matmul(self, x, m, y),
             Some(backend) if m == 1 => parallel::matvec(backend, self, x, y),
+            Some(backend) if m <= parallel::SMALL_BATCH => {
+                parallel::matmul_small(backend, self, x, m, y)
+            }
             Some(backend) => parallel::matmul(backend, self, x, m, y),
         }
         Ok(())
