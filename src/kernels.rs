@@ -4,7 +4,9 @@
 //! token is a chain of matrix-vector products whose speed is the memory bandwidth, so
 //! [`Fp8Matrix::matvec`] splits rows across the rayon pool and does as little per weight as the
 //! CPU allows; a prompt is a matrix product, where [`Fp8Matrix::matmul`] dequantizes a panel of
-//! weights once and reuses it for every token.
+//! weights once and reuses it for every token. A few tokens (a short prompt or chunk) would not
+//! fill the panels' register tiles, so up to a measured threshold each weight is instead widened
+//! in registers once and multiplied into one accumulator per token (the small-batch kernel).
 //!
 //! Each instruction set has its own file, selected at run time ([`Isa::best`]), and all are tested
 //! against one scalar reference written from the E4M3 definition ([`e4m3::value`]). The thread

@@ -78,8 +78,11 @@ pub(super) fn matvec(backend: &Backend, w: &Fp8Matrix, x: &[f32], y: &mut [f32])
 /// panels. Panels cost a fixed share per weight (widening, transposing, storing and reloading
 /// it) and fill tiles of up to 24 tokens whatever the count, so for a few tokens they cost
 /// about what 24 do; the small-batch kernel's cost grows with the tokens from the weight
-/// stream's.
-pub(crate) const SMALL_BATCH: usize = 16;
+/// stream's. Measured with `examples/kernels_bench` on a 5632×2048 matrix (TinyLlama's MLP),
+/// 2 threads, AVX-512 (Zen 4), on a loaded shared machine, GFLOP/s of panels / small batch:
+/// m = 2: 5.8 / 12.8, 5: 11.3 / 13.8, 8: 17.3 / 20.5, 12: 26.6 / 22.8 and 7.0 / 14.6 back to
+/// back, 16: 24.7 / 15.2 and 9.8 / 14.2. The crossover lies between 12 and 16 tokens.
+pub(crate) const SMALL_BATCH: usize = 12;
 
 pub(super) fn matmul_small(backend: &Backend, w: &Fp8Matrix, x: &[f32], m: usize, y: &mut [f32]) {
     let threads = rayon::current_num_threads();
