@@ -2,9 +2,11 @@
 //!
 //! Weights stay in their 8-bit mapped form; each kernel widens them on the fly. Decoding a whole
 //! token is a chain of matrix-vector products whose speed is the memory bandwidth, so
-//! [`Fp8Matrix::matvec`] splits rows across the kernels' thread pool ([`pool`]) and does as
-//! little per weight as the CPU allows; a prompt is a matrix product, where [`Fp8Matrix::matmul`] dequantizes a panel of
-//! weights once and reuses it for every token.
+//! [`Fp8Matrix::matvec`] splits rows across the kernels' thread pool ([`pool`]) and does as little per weight as
+//! the CPU allows; a prompt is a matrix product, where [`Fp8Matrix::matmul`] dequantizes a panel of
+//! weights once and reuses it for every token. A few tokens (a short prompt or chunk) would not
+//! fill the panels' register tiles, so up to a measured threshold each weight is instead widened
+//! in registers once and multiplied into one accumulator per token (the small-batch kernel).
 //!
 //! Each instruction set has its own file, selected at run time ([`Isa::best`]), and all are tested
 //! against one scalar reference written from the E4M3 definition ([`e4m3::value`]). The thread
@@ -206,6 +208,9 @@ impl Fp8Matrix<'_> {
         match isa.backend()? {
             None => scalar::matmul(self, x, m, y),
             Some(backend) if m == 1 => parallel::matvec(backend, self, x, y),
+            Some(backend) if m <= parallel::SMALL_BATCH => {
+                parallel::matmul_small(backend, self, x, m, y)
+            }
             Some(backend) => parallel::matmul(backend, self, x, m, y),
         }
         Ok(())

@@ -22,6 +22,7 @@ use super::scratch::Scratch;
 pub(super) static BACKEND: Backend = Backend {
     mr: MR,
     matvec_rows,
+    matmul_rows,
     pack_panel,
     tile,
     dequantize_row,
@@ -297,6 +298,160 @@ pub(super) unsafe fn matvec_rows(w: &Fp8Matrix, first_row: usize, x: &[f32], y: 
         // SAFETY: as above.
         unsafe { dot_rows(w, row, &x, std::array::from_mut(y)) };
         row += 1;
+    }
+}
+
+/// Rows walked together by the small-batch kernel.
+const BATCH_ROWS: usize = 2;
+/// Tokens per pass of the small-batch kernel: 8 accumulators, the four widened weights of a
+/// row and two scales fill 14 of the 16 registers.
+const BATCH_TOKENS: usize = 4;
+
+/// `out[t][r] = W[first_row + r] · x_t` for `R` rows and `T` tokens walked together: each step
+/// of a row is decoded (and, with blocked scales, scaled) once and multiplied into one
+/// accumulator per token. `x` holds the tokens' `interleave`d inputs `stride` apart.
+///
+/// # Safety
+/// `first_row + R <= w.rows()`; `x` holds `T` inputs of `stride >= w.cols()` rounded up to
+/// whole steps.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_tokens<const R: usize, const T: usize>(
+    w: &Fp8Matrix,
+    first_row: usize,
+    x: &[f32],
+    stride: usize,
+) -> [[f32; R]; T] {
+    let cols = w.cols();
+    let whole = cols - cols % STEP;
+    assert!(x.len() >= T * stride && stride >= cols.next_multiple_of(STEP));
+    let rows: [&[u8]; R] = std::array::from_fn(|r| w.row_bytes(first_row + r));
+    let row_scales: [&[f32]; R] = std::array::from_fn(|r| w.row_scales(first_row + r));
+    let mut scratch = [[_mm256_setzero_si256(); 2]; R];
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let mut cursor = w.block().map(|_| ScaleCursor::new(w));
+    let starts = rows.map(<[u8]>::as_ptr);
+    // As in `dot_rows`: the rows taken next are warmed while these are summed.
+    let ahead = starts.map(|start| start.wrapping_add(R * cols));
+    let mut step = |codes: [*const u8; R], col: usize| {
+        let scales = cursor.as_mut().map(|cursor| (cursor.next(), cursor.next()));
+        // SAFETY: 32 readable bytes at each `codes[r]` (callers below); every token's inputs
+        // hold whole steps, so `col + 32 <= stride`.
+        unsafe {
+            for r in 0..R {
+                let mut w = decode_step(codes[r], &mut scratch[r]);
+                if let Some((low, high)) = scales {
+                    let (low, high) = (row_scales[r][low], row_scales[r][high]);
+                    w[0] = _mm256_mul_ps(w[0], _mm256_set1_ps(low));
+                    w[1] = _mm256_mul_ps(w[1], _mm256_set1_ps(low));
+                    w[2] = _mm256_mul_ps(w[2], _mm256_set1_ps(high));
+                    w[3] = _mm256_mul_ps(w[3], _mm256_set1_ps(high));
+                }
+                for t in 0..T {
+                    let x = x.as_ptr().add(t * stride + col);
+                    let acc = &mut acc[r][t];
+                    *acc = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x), *acc);
+                    *acc = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x.add(8)), *acc);
+                    *acc = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x.add(16)), *acc);
+                    *acc = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x.add(24)), *acc);
+                }
+            }
+        }
+    };
+    for col in (0..whole).step_by(STEP) {
+        if col % LINE == 0 {
+            for next in ahead {
+                prefetch(next.wrapping_add(col));
+            }
+        }
+        // SAFETY: `col + 32 <= whole <= cols`, within every row.
+        step(starts.map(|start| unsafe { start.add(col) }), col);
+    }
+    if whole < cols {
+        // The last partial step decodes from zero-padded copies.
+        let mut padded = [[0u8; STEP]; R];
+        for (padded, row) in padded.iter_mut().zip(&rows) {
+            padded[..cols - whole].copy_from_slice(&row[whole..]);
+        }
+        step(padded.each_ref().map(|p| p.as_ptr()), whole);
+    }
+    let scales: [f32; R] = std::array::from_fn(|r| match w.block() {
+        Some(_) => F16_RESCALE,
+        None => row_scales[r][0] * F16_RESCALE,
+    });
+    std::array::from_fn(|t| std::array::from_fn(|r| horizontal_sum(acc[r][t]) * scales[r]))
+}
+
+/// One pass of `R` rows over `tokens <= BATCH_TOKENS` tokens, writing `y[t * stride_y + r]`.
+///
+/// # Safety
+/// As [`dot_tokens`], for `tokens` inputs.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pass<const R: usize>(
+    w: &Fp8Matrix,
+    first_row: usize,
+    x: &[f32],
+    stride: usize,
+    tokens: usize,
+    y: &mut [f32],
+    stride_y: usize,
+) {
+    fn store<const R: usize, const T: usize>(out: [[f32; R]; T], y: &mut [f32], stride_y: usize) {
+        for (t, out) in out.iter().enumerate() {
+            y[t * stride_y..t * stride_y + R].copy_from_slice(out);
+        }
+    }
+    // SAFETY: as the caller's; each arm reads `T == tokens` inputs.
+    unsafe {
+        match tokens {
+            1 => store(dot_tokens::<R, 1>(w, first_row, x, stride), y, stride_y),
+            2 => store(dot_tokens::<R, 2>(w, first_row, x, stride), y, stride_y),
+            3 => store(dot_tokens::<R, 3>(w, first_row, x, stride), y, stride_y),
+            BATCH_TOKENS => store(
+                dot_tokens::<R, BATCH_TOKENS>(w, first_row, x, stride),
+                y,
+                stride_y,
+            ),
+            _ => unreachable!("passes take 1 to {BATCH_TOKENS} tokens"),
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn matmul_rows(
+    w: &Fp8Matrix,
+    first_row: usize,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+) {
+    let cols = w.cols();
+    let rows = y.len() / m;
+    assert!(x.len() == m * cols && y.len() == m * rows && first_row + rows <= w.rows());
+    let stride = cols.next_multiple_of(STEP);
+    let x: Vec<f32> = x.chunks_exact(cols).flat_map(interleave).collect();
+    // Row groups outside, token passes inside: a group's weights come from memory once and
+    // stay in L1 for the later passes.
+    for first in (0..rows).step_by(BATCH_ROWS) {
+        for token in (0..m).step_by(BATCH_TOKENS) {
+            let tokens = BATCH_TOKENS.min(m - token);
+            let x = &x[token * stride..];
+            let y = &mut y[token * rows + first..];
+            // SAFETY: the rows exist (asserted above); `x` holds `tokens` padded inputs.
+            unsafe {
+                if first + BATCH_ROWS <= rows {
+                    pass::<BATCH_ROWS>(w, first_row + first, x, stride, tokens, y, rows);
+                } else {
+                    for r in first..rows {
+                        let y = &mut y[r - first..];
+                        pass::<1>(w, first_row + r, x, stride, tokens, y, rows);
+                    }
+                }
+            }
+        }
     }
 }
 

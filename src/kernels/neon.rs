@@ -16,6 +16,7 @@ use super::prefetch::{LINE, prefetch};
 pub(super) static BACKEND: Backend = Backend {
     mr: MR,
     matvec_rows,
+    matmul_rows,
     pack_panel,
     tile,
     dequantize_row,
@@ -220,6 +221,153 @@ unsafe fn matvec_rows(w: &Fp8Matrix, first_row: usize, x: &[f32], y: &mut [f32])
         // SAFETY: as above.
         unsafe { dot_rows(w, row, x, std::array::from_mut(y)) };
         row += 1;
+    }
+}
+
+/// Rows walked together by the small-batch kernel.
+const BATCH_ROWS: usize = 4;
+/// Tokens per pass of the small-batch kernel: 16 accumulators, the four widened weights of a
+/// row and four inputs take 24 of the 32 registers.
+const BATCH_TOKENS: usize = 4;
+
+/// `out[t][r] = W[first_row + r] · x_t` for `R` rows and `T` tokens walked together: each step
+/// of a row is decoded (and, with blocked scales, scaled) once and multiplied into one
+/// accumulator per token. `x` holds the tokens' inputs `stride` apart, zero-padded to whole
+/// steps.
+///
+/// # Safety
+/// `first_row + R <= w.rows()`; `x` holds `T` inputs of `stride >= w.cols()` rounded up to
+/// whole steps.
+#[inline(always)]
+unsafe fn dot_tokens<const R: usize, const T: usize>(
+    w: &Fp8Matrix,
+    first_row: usize,
+    x: &[f32],
+    stride: usize,
+) -> [[f32; R]; T] {
+    let cols = w.cols();
+    let whole = cols - cols % STEP;
+    assert!(x.len() >= T * stride && stride >= cols.next_multiple_of(STEP));
+    let rows: [&[u8]; R] = std::array::from_fn(|r| w.row_bytes(first_row + r));
+    let row_scales: [&[f32]; R] = std::array::from_fn(|r| w.row_scales(first_row + r));
+    // SAFETY: NEON is part of the aarch64 baseline.
+    let zero = unsafe { vdupq_n_f32(0.0) };
+    let mut acc = [[zero; T]; R];
+    let mut cursor = w.block().map(|_| ScaleCursor::new(w));
+    let starts = rows.map(<[u8]>::as_ptr);
+    // As in `dot_rows`: the rows taken next are warmed while these are summed.
+    let ahead = starts.map(|start| start.wrapping_add(R * cols));
+    let mut step = |codes: [*const u8; R], col: usize| {
+        let scale = cursor.as_mut().map(ScaleCursor::next);
+        // SAFETY: 16 readable bytes at each `codes[r]` (callers below); every token's inputs
+        // hold whole steps, so `col + 16 <= stride`; NEON is part of the aarch64 baseline.
+        unsafe {
+            for r in 0..R {
+                let mut w = decode_16(codes[r]);
+                if let Some(index) = scale {
+                    w = w.map(|w| vmulq_n_f32(w, row_scales[r][index]));
+                }
+                for t in 0..T {
+                    let x = x.as_ptr().add(t * stride + col);
+                    let acc = &mut acc[r][t];
+                    *acc = vfmaq_f32(*acc, w[0], vld1q_f32(x));
+                    *acc = vfmaq_f32(*acc, w[1], vld1q_f32(x.add(4)));
+                    *acc = vfmaq_f32(*acc, w[2], vld1q_f32(x.add(8)));
+                    *acc = vfmaq_f32(*acc, w[3], vld1q_f32(x.add(12)));
+                }
+            }
+        }
+    };
+    for col in (0..whole).step_by(STEP) {
+        if col % LINE == 0 {
+            for next in ahead {
+                prefetch(next.wrapping_add(col));
+            }
+        }
+        // SAFETY: `col + 16 <= whole <= cols`, within every row.
+        step(starts.map(|start| unsafe { start.add(col) }), col);
+    }
+    if whole < cols {
+        // The last partial step decodes from zero-padded copies.
+        let mut padded = [[0u8; STEP]; R];
+        for (padded, row) in padded.iter_mut().zip(&rows) {
+            padded[..cols - whole].copy_from_slice(&row[whole..]);
+        }
+        step(padded.each_ref().map(|p| p.as_ptr()), whole);
+    }
+    let scales: [f32; R] = std::array::from_fn(|r| match w.block() {
+        Some(_) => F16_RESCALE,
+        None => row_scales[r][0] * F16_RESCALE,
+    });
+    // SAFETY: NEON is part of the aarch64 baseline.
+    std::array::from_fn(|t| std::array::from_fn(|r| unsafe { vaddvq_f32(acc[r][t]) } * scales[r]))
+}
+
+/// One pass of `R` rows over `tokens <= BATCH_TOKENS` tokens, writing `y[t * stride_y + r]`.
+///
+/// # Safety
+/// As [`dot_tokens`], for `tokens` inputs.
+#[inline(always)]
+unsafe fn pass<const R: usize>(
+    w: &Fp8Matrix,
+    first_row: usize,
+    x: &[f32],
+    stride: usize,
+    tokens: usize,
+    y: &mut [f32],
+    stride_y: usize,
+) {
+    fn store<const R: usize, const T: usize>(out: [[f32; R]; T], y: &mut [f32], stride_y: usize) {
+        for (t, out) in out.iter().enumerate() {
+            y[t * stride_y..t * stride_y + R].copy_from_slice(out);
+        }
+    }
+    // SAFETY: as the caller's; each arm reads `T == tokens` inputs.
+    unsafe {
+        match tokens {
+            1 => store(dot_tokens::<R, 1>(w, first_row, x, stride), y, stride_y),
+            2 => store(dot_tokens::<R, 2>(w, first_row, x, stride), y, stride_y),
+            3 => store(dot_tokens::<R, 3>(w, first_row, x, stride), y, stride_y),
+            BATCH_TOKENS => store(
+                dot_tokens::<R, BATCH_TOKENS>(w, first_row, x, stride),
+                y,
+                stride_y,
+            ),
+            _ => unreachable!("passes take 1 to {BATCH_TOKENS} tokens"),
+        }
+    }
+}
+
+/// # Safety
+/// None beyond the aarch64 baseline; `unsafe` to fit [`Backend`].
+unsafe fn matmul_rows(w: &Fp8Matrix, first_row: usize, x: &[f32], m: usize, y: &mut [f32]) {
+    let cols = w.cols();
+    let rows = y.len() / m;
+    assert!(x.len() == m * cols && y.len() == m * rows && first_row + rows <= w.rows());
+    let stride = cols.next_multiple_of(STEP);
+    let mut padded = vec![0.0; m * stride];
+    for (padded, x) in padded.chunks_exact_mut(stride).zip(x.chunks_exact(cols)) {
+        padded[..cols].copy_from_slice(x);
+    }
+    // Row groups outside, token passes inside: a group's weights come from memory once and
+    // stay in L1 for the later passes.
+    for first in (0..rows).step_by(BATCH_ROWS) {
+        for token in (0..m).step_by(BATCH_TOKENS) {
+            let tokens = BATCH_TOKENS.min(m - token);
+            let x = &padded[token * stride..];
+            let y = &mut y[token * rows + first..];
+            // SAFETY: the rows exist (asserted above); `x` holds `tokens` padded inputs.
+            unsafe {
+                if first + BATCH_ROWS <= rows {
+                    pass::<BATCH_ROWS>(w, first_row + first, x, stride, tokens, y, rows);
+                } else {
+                    for r in first..rows {
+                        let y = &mut y[r - first..];
+                        pass::<1>(w, first_row + r, x, stride, tokens, y, rows);
+                    }
+                }
+            }
+        }
     }
 }
 

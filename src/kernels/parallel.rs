@@ -35,6 +35,10 @@ pub(crate) struct Backend {
     pub mr: usize,
     /// `y[i] = W[first_row + i] · x`.
     pub matvec_rows: unsafe fn(w: &Fp8Matrix, first_row: usize, x: &[f32], y: &mut [f32]),
+    /// `y[t * rows + i] = W[first_row + i] · x_t` for the `m` tokens of `x` (`[m, cols]`) and
+    /// `rows = y.len() / m`: the small-batch product, which widens each weight once for all the
+    /// tokens instead of packing panels (see [`SMALL_BATCH`]).
+    pub matmul_rows: unsafe fn(w: &Fp8Matrix, first_row: usize, x: &[f32], m: usize, y: &mut [f32]),
     /// Writes `panel[k * NR + j] = W[first_row + j, first_col + k]` (scaled) for `k <
     /// panel.len() / NR`, and zeros for `j >= rows`.
     pub pack_panel: unsafe fn(
@@ -102,6 +106,51 @@ pub(super) fn matvec_many(backend: &Backend, ws: &[Fp8Matrix], x: &[f32], ys: &m
     });
 }
 
+/// The most tokens for which a matrix product takes [`Backend::matmul_rows`] rather than packed
+/// panels. Panels cost a fixed share per weight (widening, transposing, storing and reloading
+/// it) and fill tiles of up to 24 tokens whatever the count, so for a few tokens they cost
+/// about what 24 do; the small-batch kernel's cost grows with the tokens from the weight
+/// stream's. Measured with `examples/kernels_bench` on a 5632×2048 matrix (TinyLlama's MLP),
+/// 2 threads, AVX-512 (Zen 4), on a loaded shared machine, GFLOP/s of panels / small batch:
+/// m = 2: 5.8 / 12.8, 5: 11.3 / 13.8, 8: 17.3 / 20.5, 12: 26.6 / 22.8 and 7.0 / 14.6 back to
+/// back, 16: 24.7 / 15.2 and 9.8 / 14.2. The crossover lies between 12 and 16 tokens.
+pub(crate) const SMALL_BATCH: usize = 12;
+
+pub(super) fn matmul_small(backend: &Backend, w: &Fp8Matrix, x: &[f32], m: usize, y: &mut [f32]) {
+    let threads = pool::threads();
+    let n = w.rows();
+    if threads == 1 || n * w.cols() < PARALLEL_MIN_BYTES {
+        // `y` is `[m, n]`, the layout of one chunk holding every row.
+        // SAFETY: the backend's CPU features are present (see `Backend`).
+        unsafe { (backend.matmul_rows)(w, 0, x, m, y) };
+        return;
+    }
+    let chunk = n
+        .div_ceil(threads * CHUNKS_PER_THREAD)
+        .next_multiple_of(ROW_ALIGN);
+    let output = SharedOutput {
+        start: y.as_mut_ptr(),
+        len: y.len(),
+    };
+    pool::run(n.div_ceil(chunk), |index| {
+        // The whole of `output` is captured, not its (unshareable) pointer field alone.
+        let output = &output;
+        let rows = index * chunk..((index + 1) * chunk).min(n);
+        // A chunk's outputs are `[m, rows]`; copied into the columns `rows` of `y` after.
+        let mut part = vec![0.0; m * rows.len()];
+        // SAFETY: as above.
+        unsafe { (backend.matmul_rows)(w, rows.start, x, m, &mut part) };
+        for (token, part) in part.chunks_exact(rows.len()).enumerate() {
+            let start = token * n + rows.start;
+            assert!(start + rows.len() <= output.len);
+            // SAFETY: in bounds (checked above); the columns `rows` belong to this chunk alone,
+            // so no other thread refers to them.
+            let y = unsafe { std::slice::from_raw_parts_mut(output.start.add(start), rows.len()) };
+            y.copy_from_slice(part);
+        }
+    });
+}
+
 pub(super) fn gather_rows(backend: &Backend, w: &Fp8Matrix, rows: &[usize], out: &mut [f32]) {
     for (&row, out) in rows.iter().zip(out.chunks_exact_mut(w.cols())) {
         // SAFETY: the backend's CPU features are present (see `Backend`).
@@ -116,7 +165,8 @@ struct SharedOutput {
     len: usize,
 }
 
-// SAFETY: threads only ever form references to disjoint parts of the buffer (see `matmul`).
+// SAFETY: threads only ever form references to disjoint parts of the buffer (see `matmul` and
+// `matmul_small`).
 unsafe impl Send for SharedOutput {}
 unsafe impl Sync for SharedOutput {}
 

@@ -9,6 +9,7 @@ use super::parallel::{Backend, NR};
 pub(super) static BACKEND: Backend = Backend {
     mr: MR,
     matvec_rows,
+    matmul_rows,
     pack_panel,
     tile,
     dequantize_row,
@@ -51,6 +52,39 @@ fn matvec_rows(w: &Fp8Matrix, first_row: usize, x: &[f32], y: &mut [f32]) {
             .sum::<f32>()
             * F16_RESCALE;
     }
+}
+
+/// Widens each row once (scales applied) and takes its dot product with every token.
+fn matmul_rows(w: &Fp8Matrix, first_row: usize, x: &[f32], m: usize, y: &mut [f32]) {
+    let cols = w.cols();
+    let rows = y.len() / m;
+    assert!(x.len() == m * cols && y.len() == m * rows);
+    let mut weights = vec![0.0; cols];
+    for i in 0..rows {
+        dequantize_row(w, first_row + i, &mut weights);
+        for (token, x) in x.chunks_exact(cols).enumerate() {
+            y[token * rows + i] = dot_f32(&weights, x);
+        }
+    }
+}
+
+/// `Σ a[i] · b[i]` in independent lanes.
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let mut a_chunks = a.chunks_exact(LANES);
+    let mut b_chunks = b.chunks_exact(LANES);
+    for (a, b) in (&mut a_chunks).zip(&mut b_chunks) {
+        for lane in 0..LANES {
+            lanes[lane] += a[lane] * b[lane];
+        }
+    }
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    lanes.iter().sum::<f32>() + tail
 }
 
 fn pack_panel(w: &Fp8Matrix, first_row: usize, rows: usize, first_col: usize, panel: &mut [f32]) {

@@ -277,6 +277,51 @@ fn matmul_matches_reference_for_every_token_count() {
     }
 }
 
+/// Every vector implementation's small-batch product against the reference, whatever the
+/// threshold at which `matmul` takes it.
+fn check_small_batch(matrix: &TestMatrix, x: &[f32]) {
+    let w = matrix.view();
+    let m = x.len() / w.cols();
+    let expected = Expected::new(matrix, x);
+    for isa in vector_isas() {
+        let backend = isa.backend().expect("available").expect("a vector backend");
+        let mut got = vec![f32::NAN; m * w.rows()];
+        parallel::matmul_small(backend, &w, x, m, &mut got);
+        let what = || format!("small batch {m}×{}×{} {:?}", w.rows(), w.cols(), w.block());
+        assert_close(what, isa, &got, &expected);
+    }
+}
+
+#[test]
+fn small_batches_match_reference_for_every_token_count() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    // Row counts around the row groups (2 and 4) and columns around the steps (16 to 64).
+    for (rows, cols) in [(1, 7), (3, 48), (5, 64), (7, 100), (13, 272)] {
+        for block in layouts(cols) {
+            let matrix = TestMatrix::random(&mut rng, rows, cols, block);
+            for m in 1..=17 {
+                check_small_batch(&matrix, &random_vector(&mut rng, m * cols));
+            }
+        }
+    }
+}
+
+#[test]
+fn small_batches_split_across_threads_match_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    for block in [None, Some(16), Some(64)] {
+        // Enough weights to be split, in chunks that do not divide the rows.
+        let matrix = TestMatrix::random(&mut rng, 301, 320, block);
+        for threads in [1, 2, 3] {
+            pool(threads).install(|| {
+                for m in [2, 5, 9, 16] {
+                    check_small_batch(&matrix, &random_vector(&mut rng, m * 320));
+                }
+            });
+        }
+    }
+}
+
 #[test]
 fn matmul_matches_reference_past_one_token_block() {
     let mut rng = ChaCha8Rng::seed_from_u64(4);
