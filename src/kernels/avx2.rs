@@ -432,7 +432,10 @@ pub(super) unsafe fn matmul_rows(
     let rows = y.len() / m;
     assert!(x.len() == m * cols && y.len() == m * rows && first_row + rows <= w.rows());
     let stride = cols.next_multiple_of(STEP);
-    let x: Vec<f32> = x.chunks_exact(cols).flat_map(interleave).collect();
+    let x: Vec<f32> = x
+        .chunks_exact(cols)
+        .flat_map(|x| interleave(x).to_vec())
+        .collect();
     // Row groups outside, token passes inside: a group's weights come from memory once and
     // stay in L1 for the later passes.
     for first in (0..rows).step_by(BATCH_ROWS) {
