@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 
 #[derive(Parser)]
 struct Args {
-    /// Implementation to measure (scalar, portable, avx2, neon); the fastest available by default.
+    /// Implementation to measure (scalar, portable, avx2, avx512, avx512bf16, neon); the fastest available by default.
     #[arg(long)]
     isa: Option<String>,
     /// Thread counts to measure.
@@ -30,6 +30,10 @@ struct Args {
     /// Token counts for the matrix products.
     #[arg(long, value_delimiter = ',', default_value = "64,512")]
     tokens: Vec<usize>,
+    /// Reuse one copy of each matrix, so that small ones are read from the caches: the kernel's
+    /// own speed, without memory's limit.
+    #[arg(long)]
+    in_cache: bool,
 }
 
 /// Weights streamed per matrix-vector measurement: far above any last-level cache, so each
@@ -67,7 +71,7 @@ fn main() -> anyhow::Result<()> {
 
     println!("kernels: {isa:?} (available: {:?})", available_isas());
     for &threads in &args.threads {
-        Pool::new(threads).install(|| run(isa, threads, &shapes, &args.tokens))?;
+        Pool::new(threads).install(|| run(isa, threads, &shapes, &args.tokens, args.in_cache))?;
     }
     Ok(())
 }
@@ -77,6 +81,7 @@ fn run(
     threads: usize,
     shapes: &[(usize, usize)],
     tokens: &[usize],
+    in_cache: bool,
 ) -> anyhow::Result<()> {
     let bandwidth = measure_read_bandwidth(1 << 30) / GB;
     println!(
@@ -90,7 +95,11 @@ fn run(
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     for &(rows, cols) in shapes {
         let bytes = rows * cols;
-        let copies = STREAM_BYTES.div_ceil(bytes).max(1);
+        let copies = if in_cache {
+            1
+        } else {
+            STREAM_BYTES.div_ceil(bytes).max(1)
+        };
         let mut weights = vec![0u8; copies * bytes];
         rng.fill_bytes(&mut weights);
         let scales: Vec<f32> = (0..rows).map(|_| rng.random_range(1e-3..1e-2)).collect();

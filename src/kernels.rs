@@ -32,6 +32,8 @@ mod scratch;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512bf16;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
@@ -57,17 +59,22 @@ pub enum Isa {
     /// [`Isa::Avx2`] plus AVX-512F and BW (Skylake-SP, Ice Lake, Zen 4 and later): twice the
     /// width for the matrix-vector and matrix products.
     Avx512,
+    /// [`Isa::Avx512`] plus AVX-512 VBMI and BF16 (Zen 4, Sapphire Rapids and later): the
+    /// matrix-vector product looks weights up as bf16 and multiplies them with `vdpbf16ps`,
+    /// against `x` split into two bf16 parts (within `2^-18 Σ|w·x|` of the f32 kernels).
+    Avx512Bf16,
     /// aarch64 Advanced SIMD (every ARMv8-A core).
     Neon,
 }
 
 impl Isa {
     /// Every implementation this build knows, available on this CPU or not.
-    pub const ALL: [Isa; 5] = [
+    pub const ALL: [Isa; 6] = [
         Isa::Scalar,
         Isa::Portable,
         Isa::Avx2,
         Isa::Avx512,
+        Isa::Avx512Bf16,
         Isa::Neon,
     ];
 
@@ -77,13 +84,16 @@ impl Isa {
             Isa::Scalar | Isa::Portable => true,
             Isa::Avx2 => avx2_available(),
             Isa::Avx512 => avx2_available() && avx512_available(),
+            Isa::Avx512Bf16 => avx2_available() && avx512_available() && avx512bf16_available(),
             Isa::Neon => cfg!(target_arch = "aarch64"),
         }
     }
 
     /// The fastest implementation this CPU can run.
     pub fn best() -> Isa {
-        if Isa::Avx512.is_available() {
+        if Isa::Avx512Bf16.is_available() {
+            Isa::Avx512Bf16
+        } else if Isa::Avx512.is_available() {
             Isa::Avx512
         } else if Isa::Avx2.is_available() {
             Isa::Avx2
@@ -107,6 +117,8 @@ impl Isa {
             Isa::Avx2 => Some(&avx2::BACKEND),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => Some(&avx512::BACKEND),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 => Some(&avx512bf16::BACKEND),
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => Some(&neon::BACKEND),
             _ => return Err(KernelError::IsaUnavailable(self)),
@@ -133,6 +145,16 @@ fn avx512_available() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn avx512_available() -> bool {
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512bf16_available() -> bool {
+    is_x86_feature_detected!("avx512vbmi") && is_x86_feature_detected!("avx512bf16")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512bf16_available() -> bool {
     false
 }
 

@@ -14,7 +14,8 @@
 //!
 //! As for the FP8 kernels, each instruction set has its own file, selected at run time
 //! ([`Isa`]), and all are tested against one scalar reference ([`Isa::Scalar`], in f64).
-//! [`Isa::Avx512`] runs the AVX2 kernel: the attention has no AVX-512 version of its own.
+//! [`Isa::Avx512`] and [`Isa::Avx512Bf16`] run the AVX2 kernel: the attention has no AVX-512
+//! version of its own.
 
 mod portable;
 mod scalar;
@@ -101,7 +102,7 @@ pub fn decode_with(
         }
         Isa::Portable => portable::attend,
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => avx2::attend,
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16 => avx2::attend,
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => neon::attend,
         _ => return Err(KernelError::IsaUnavailable(isa)),

@@ -10,8 +10,8 @@
 //!
 //! The matrix-vector product is the AVX2 kernel's scheme at twice the width (64 codes per step,
 //! even and odd codes moved into f16 position by shifts, widened from memory), with four rows
-//! walked together: half the instructions per weight leave the core waiting on memory rather
-//! than on itself. Rows with blocked scales that do not cover whole 64-weight steps take the
+//! walked together: half the instructions per weight, yet still bound by the core rather than
+//! by memory on Zen 4, where [`super::avx512bf16`] replaces it. Rows with blocked scales that do not cover whole 64-weight steps take the
 //! AVX2 kernel; row dequantization is the AVX2 code.
 //!
 //! The small-batch product walks four rows with the matrix-vector kernel's decoding and
@@ -39,12 +39,12 @@ pub(super) static BACKEND: Backend = Backend {
 
 /// Tokens per register tile: 24 accumulators, the weights and spare registers for the
 /// compiler, of 32.
-const MR: usize = 24;
+pub(super) const MR: usize = 24;
 
 /// # Safety
 /// The CPU must support AVX-512F.
 #[target_feature(enable = "avx512f")]
-unsafe fn tile(panel: &[f32], x: &[f32], tile: &mut [[f32; NR]]) {
+pub(super) unsafe fn tile(panel: &[f32], x: &[f32], tile: &mut [[f32; NR]]) {
     let depth = panel.len() / NR;
     assert!(x.len() >= depth * MR && tile.len() == MR);
     let mut acc = [_mm512_setzero_ps(); MR];
@@ -121,7 +121,7 @@ fn transpose_16x16(r: [__m512; 16]) -> [__m512; 16] {
 /// # Safety
 /// The CPU must support AVX-512F, AVX2, FMA and F16C.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn pack_panel(
+pub(super) unsafe fn pack_panel(
     w: &Fp8Matrix,
     first_row: usize,
     rows: usize,
@@ -412,7 +412,13 @@ unsafe fn pass<const R: usize>(
 /// # Safety
 /// The CPU must support AVX-512F and BW, AVX2, FMA and F16C.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-unsafe fn matmul_rows(w: &Fp8Matrix, first_row: usize, x: &[f32], m: usize, y: &mut [f32]) {
+pub(super) unsafe fn matmul_rows(
+    w: &Fp8Matrix,
+    first_row: usize,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+) {
     if w.block().is_some() {
         // SAFETY: the AVX2 features are a subset of this function's.
         return unsafe { avx2::matmul_rows(w, first_row, x, m, y) };

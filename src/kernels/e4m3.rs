@@ -38,6 +38,25 @@ pub(crate) const fn f16_bits(code: u8) -> u16 {
     ((code & 0x80) << 8) | ((code & 0x7f) << 7)
 }
 
+/// The bf16 bit pattern of `value(code)`, which bf16 holds exactly: 8 exponent bits cover E4M3's
+/// range, subnormals included, as normal numbers (rebias 127 - 7 = 120), and its 7 mantissa
+/// bits hold E4M3's 3.
+pub(crate) const fn bf16_bits(code: u8) -> u16 {
+    let sign = ((code & 0x80) as u16) << 8;
+    let exponent = ((code >> 3) & 0x0f) as u16;
+    let mantissa = (code & 0x07) as u16;
+    let magnitude = if exponent != 0 {
+        ((exponent + 120) << 7) | (mantissa << 4)
+    } else if mantissa == 0 {
+        0
+    } else {
+        // `mantissa · 2^-9`, normalized: its leading bit becomes the implicit one.
+        let lead = 15 - mantissa.leading_zeros() as u16;
+        ((118 + lead) << 7) | ((mantissa ^ (1 << lead)) << (7 - lead))
+    };
+    sign | magnitude
+}
+
 /// `value(code) · 2^-8` for every code, for kernels without a hardware f16 conversion.
 pub(crate) static SCALED_VALUES: [f32; 256] = {
     let mut table = [0.0; 256];
@@ -59,6 +78,8 @@ mod tests {
             let fast = f16::from_bits(f16_bits(code)).to_f32() * F16_RESCALE;
             assert_eq!(fast.to_bits(), value(code).to_bits(), "code {code:#04x}");
             assert_eq!(SCALED_VALUES[usize::from(code)] * F16_RESCALE, value(code));
+            let bf16 = half::bf16::from_bits(bf16_bits(code)).to_f32();
+            assert_eq!(bf16.to_bits(), value(code).to_bits(), "bf16 {code:#04x}");
         }
     }
 

@@ -7,7 +7,10 @@ use rand_chacha::ChaCha8Rng;
 
 use super::*;
 
-/// Allowed error, relative to `Σ |w·x|` of the output in question.
+/// Allowed error, relative to `Σ |w·x|` of the output in question: f32 summation's error on
+/// these rows, plus for [`Isa::Avx512Bf16`]'s matrix-vector product the at most `2^-18 ≈ 3.8e-6`
+/// of `x` that its two-part bf16 split drops. Rounding `x` to a single bf16 (`2^-9`) would not
+/// pass on the longer rows.
 const TOLERANCE: f64 = 1e-5;
 
 struct TestMatrix {
@@ -235,6 +238,18 @@ fn matvec_matches_reference_on_awkward_sizes() {
     }
 }
 
+/// Inputs from `2^-30` to `2^30` of either sign: the bf16 split of `x` must keep its low
+/// mantissa bits at every exponent.
+#[test]
+fn matvec_matches_reference_on_inputs_of_every_magnitude() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let matrix = TestMatrix::random(&mut rng, 37, 1000, None);
+    let x: Vec<f32> = (0..1000)
+        .map(|_| rng.random_range(-1.0f32..1.0) * 2f32.powi(rng.random_range(-30..=30)))
+        .collect();
+    check_matvec(&matrix, &x);
+}
+
 #[test]
 fn extreme_codes_match_reference() {
     // Only zeros, subnormals and ±448: the codes whose decoding most often goes wrong.
@@ -447,10 +462,12 @@ fn the_widest_x86_path_the_cpu_has_is_chosen() {
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c");
     let has_avx512 = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
-    let want = match (has_avx2, has_avx512) {
-        (true, true) => Isa::Avx512,
-        (true, false) => Isa::Avx2,
-        (false, _) => Isa::Portable,
+    let has_bf16 = is_x86_feature_detected!("avx512vbmi") && is_x86_feature_detected!("avx512bf16");
+    let want = match (has_avx2, has_avx512, has_bf16) {
+        (true, true, true) => Isa::Avx512Bf16,
+        (true, true, false) => Isa::Avx512,
+        (true, false, _) => Isa::Avx2,
+        (false, _, _) => Isa::Portable,
     };
     assert_eq!(Isa::best(), want);
 }
@@ -491,7 +508,8 @@ fn why_unavailable(isa: Isa) -> &'static str {
         (Isa::Scalar | Isa::Portable, _) => unreachable!("{isa:?} runs everywhere"),
         (Isa::Avx2, true) => "this CPU lacks AVX2, FMA or F16C",
         (Isa::Avx512, true) => "this CPU lacks AVX-512F, AVX-512BW or AVX2",
-        (Isa::Avx2 | Isa::Avx512, false) => "x86_64 only",
+        (Isa::Avx512Bf16, true) => "this CPU lacks AVX-512 VBMI or BF16, or what Avx512 needs",
+        (Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16, false) => "x86_64 only",
         (Isa::Neon, _) => "aarch64 only",
     }
 }

@@ -1,0 +1,241 @@
+//! x86_64 matrix-vector product for AVX-512 with BF16 (Zen 4, Sapphire Rapids and later); the
+//! matrix product and row dequantization are [`super::avx512`]'s.
+//!
+//! With f32 arithmetic the decode step was bound by the core, not by memory: widening 64
+//! codes to f32 took shifts, a round trip through memory and four `vcvtph2ps` before the four
+//! FMAs. Every E4M3 value is exact in bf16, and `vdpbf16ps` multiplies 32 bf16 pairs and adds
+//! them into 16 f32 lanes, so here a code becomes its bf16 pattern by two 128-entry byte
+//! lookups (`vpermi2b`, one for each byte of the pattern, the sign put back with one logic
+//! op), and the weights are never widened to f32 at all.
+//!
+//! `vdpbf16ps` takes both operands in bf16, so `x` is split once per call into
+//! `hi = bf16(x)` and `lo = bf16(x - hi)` (both rounded to nearest), and each weight is
+//! multiplied by both. The products are exact in f32 and summed in f32 as the FMA kernels
+//! sum; what the split drops, `|x - hi - lo| ≤ 2^-18 |x|`, is the only change to the
+//! arithmetic: at most `2^-18 Σ|w·x|` on an output, below f32 summation's own error on any
+//! row of a few hundred weights. The instruction treats bf16 subnormals as zero and flushes
+//! subnormal results, which matters only for activations below 2^-100 or so, far under
+//! anything a model carries (weights are looked up as normal bf16, subnormal E4M3 included).
+//!
+//! Rows with blocked scales take the AVX2 kernel, as in [`super::avx512`].
+
+use std::arch::x86_64::*;
+
+use super::avx2;
+use super::avx512;
+use super::e4m3::bf16_bits;
+use super::matrix::Fp8Matrix;
+use super::parallel::Backend;
+use super::prefetch::{LINE, prefetch};
+
+pub(super) static BACKEND: Backend = Backend {
+    mr: avx512::MR,
+    matvec_rows,
+    matmul_rows: avx512::matmul_rows,
+    pack_panel: avx512::pack_panel,
+    tile: avx512::tile,
+    dequantize_row: avx2::dequantize_row,
+};
+
+/// Codes per step: one 512-bit load, one cache line.
+const STEP: usize = 64;
+/// Rows walked together: each loaded piece of `x` serves all of them.
+const ROWS: usize = 4;
+
+/// Byte `i` of each table is a byte of the bf16 pattern of code `i` (sign clear), for the
+/// two-register lookup `vpermi2b`: `[high bytes 0..64, 64..128, low bytes 0..64, 64..128]`.
+static TABLES: [[u8; 64]; 4] = {
+    let mut tables = [[0; 64]; 4];
+    let mut code = 0;
+    while code < 128 {
+        let bits = bf16_bits(code as u8);
+        tables[code / 64][code % 64] = (bits >> 8) as u8;
+        tables[2 + code / 64][code % 64] = bits as u8;
+        code += 1;
+    }
+    tables
+};
+
+/// Places `x` as [`decode_step`] orders weights, split in two bf16 parts: per step of 64
+/// columns, `hi` of the first eight columns of each 16 (four lanes of 128 bits), `hi` of the
+/// last eight of each 16, then `lo` likewise; 32 bf16 each. Zero-padded to whole steps.
+///
+/// # Safety
+/// The CPU must support AVX-512F and BF16.
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn split_interleave(x: &[f32]) -> Vec<u16> {
+    let padded = x.len().next_multiple_of(STEP);
+    let mut ordered = vec![0u16; 2 * padded];
+    let mut tail = [0.0f32; STEP];
+    for (col, out) in (0..padded)
+        .step_by(STEP)
+        .zip(ordered.chunks_exact_mut(2 * STEP))
+    {
+        let values = match x.get(col..col + STEP) {
+            Some(values) => values,
+            None => {
+                tail[..x.len() - col].copy_from_slice(&x[col..]);
+                &tail
+            }
+        };
+        // SAFETY: `values` holds 64 f32.
+        let sixteens: [__m512; 4] =
+            std::array::from_fn(|i| unsafe { _mm512_loadu_ps(values.as_ptr().add(16 * i)) });
+        let hi = sixteens.map(|x| _mm512_cvtneps_pbh(x));
+        let lo: [__m256bh; 4] = std::array::from_fn(|i| {
+            // SAFETY: `__m256bh` and `__m256i` are both 32 bytes of plain bits.
+            let bits = unsafe { std::mem::transmute::<__m256bh, __m256i>(hi[i]) };
+            let hi = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)));
+            _mm512_cvtneps_pbh(_mm512_sub_ps(sixteens[i], hi))
+        });
+        for (part, halves) in [hi, lo].into_iter().enumerate() {
+            // SAFETY: as above.
+            let [a, b, c, d] =
+                halves.map(|h| unsafe { std::mem::transmute::<__m256bh, __m256i>(h) });
+            // Lanes `[a.first, a.last, b.first, b.last]` and the same of `c`, `d`.
+            let ab = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
+            let cd = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(c), d);
+            let first = _mm512_shuffle_i64x2::<0b10_00_10_00>(ab, cd);
+            let last = _mm512_shuffle_i64x2::<0b11_01_11_01>(ab, cd);
+            let out = out[part * STEP..].as_mut_ptr();
+            // SAFETY: `out` holds 2 × 64 u16 from the part's start.
+            unsafe {
+                _mm512_storeu_si512(out.cast(), first);
+                _mm512_storeu_si512(out.add(32).cast(), last);
+            }
+        }
+    }
+    ordered
+}
+
+/// The bf16 patterns of 64 codes as two vectors: within each 128-bit lane (16 codes), the
+/// first eight codes, then the last eight (byte unpacking works within lanes).
+///
+/// # Safety
+/// `codes` must be valid for reading 64 bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn decode_step(codes: *const u8, tables: &[__m512i; 4]) -> [__m512i; 2] {
+    // SAFETY: 64 readable bytes (caller); unaligned load.
+    let codes = unsafe { _mm512_loadu_si512(codes.cast()) };
+    // `vpermi2b` indexes 128 entries by the low 7 bits and ignores the sign bit.
+    let high = _mm512_permutex2var_epi8(tables[0], codes, tables[1]);
+    // high | (codes & 0x80): the sign bit of the code becomes the pattern's.
+    let high = _mm512_ternarylogic_epi32::<0xf8>(high, codes, _mm512_set1_epi8(0x80_u8 as i8));
+    let low = _mm512_permutex2var_epi8(tables[2], codes, tables[3]);
+    [
+        _mm512_unpacklo_epi8(low, high),
+        _mm512_unpackhi_epi8(low, high),
+    ]
+}
+
+/// `acc += w · x` over 32 bf16 pairs.
+#[inline]
+#[target_feature(enable = "avx512bf16,avx512f")]
+fn dot_pairs(acc: __m512, w: __m512i, x: __m512i) -> __m512 {
+    // SAFETY: `__m512i` and `__m512bh` are both 64 bytes of plain bits.
+    let (w, x) = unsafe {
+        (
+            std::mem::transmute::<__m512i, __m512bh>(w),
+            std::mem::transmute::<__m512i, __m512bh>(x),
+        )
+    };
+    _mm512_dpbf16_ps(acc, w, x)
+}
+
+/// `y[r] = W[first_row + r] · x` for `R` rows walked together, scales per row.
+///
+/// # Safety
+/// `first_row + R <= w.rows()`; `x` is [`split_interleave`]d from `w.cols()` values.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16")]
+unsafe fn dot_rows<const R: usize>(
+    w: &Fp8Matrix,
+    first_row: usize,
+    x: &[u16],
+    tables: &[__m512i; 4],
+    y: &mut [f32; R],
+) {
+    let cols = w.cols();
+    let whole = cols - cols % STEP;
+    let rows: [&[u8]; R] = std::array::from_fn(|r| w.row_bytes(first_row + r));
+    // Two accumulators per row hide the latency of `vdpbf16ps`.
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    let starts = rows.map(<[u8]>::as_ptr);
+    // The rows taken after these, warmed while these are summed (see `prefetch`); past the
+    // matrix's end the addresses are only prefetched, never read.
+    let ahead = starts.map(|start| start.wrapping_add(R * cols));
+    let mut step = |codes: [*const u8; R], x: *const u16| {
+        // SAFETY: 128 readable bf16 at `x` and 64 bytes at each `codes[r]` (callers below).
+        unsafe {
+            let xs = [
+                _mm512_loadu_si512(x.cast()),
+                _mm512_loadu_si512(x.add(32).cast()),
+                _mm512_loadu_si512(x.add(64).cast()),
+                _mm512_loadu_si512(x.add(96).cast()),
+            ];
+            for r in 0..R {
+                let [first, second] = decode_step(codes[r], tables);
+                acc[r][0] = dot_pairs(acc[r][0], first, xs[0]);
+                acc[r][1] = dot_pairs(acc[r][1], second, xs[1]);
+                acc[r][0] = dot_pairs(acc[r][0], first, xs[2]);
+                acc[r][1] = dot_pairs(acc[r][1], second, xs[3]);
+            }
+        }
+    };
+    for col in (0..whole).step_by(STEP) {
+        for next in ahead {
+            prefetch(next.wrapping_add(col));
+        }
+        // SAFETY: `col + 64 <= whole <= cols`, within every row; `x` holds whole steps.
+        step(starts.map(|start| unsafe { start.add(col) }), unsafe {
+            x.as_ptr().add(2 * col)
+        });
+    }
+    if whole < cols {
+        // The last partial step decodes from zero-padded copies.
+        let mut padded = [[0u8; STEP]; R];
+        for (padded, row) in padded.iter_mut().zip(&rows) {
+            padded[..cols - whole].copy_from_slice(&row[whole..]);
+        }
+        // SAFETY: 64-byte copies; `x` is padded to whole steps.
+        step(padded.each_ref().map(|p| p.as_ptr()), unsafe {
+            x.as_ptr().add(2 * whole)
+        });
+    }
+    for r in 0..R {
+        let sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+        y[r] = sum * w.row_scales(first_row + r)[0];
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512F, BW, VBMI and BF16, AVX2, FMA and F16C.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16,avx2,fma,f16c")]
+unsafe fn matvec_rows(w: &Fp8Matrix, first_row: usize, x: &[f32], y: &mut [f32]) {
+    if w.block().is_some() {
+        // SAFETY: the AVX2 features are a subset of this function's.
+        return unsafe { avx2::matvec_rows(w, first_row, x, y) };
+    }
+    assert!(x.len() == w.cols() && first_row + y.len() <= w.rows());
+    const { assert!(LINE == STEP) };
+    // SAFETY: the features are this function's.
+    let x = unsafe { split_interleave(x) };
+    // SAFETY: each table holds 64 bytes; unaligned loads.
+    let tables = TABLES
+        .each_ref()
+        .map(|t| unsafe { _mm512_loadu_si512(t.as_ptr().cast()) });
+    let mut groups = y.chunks_exact_mut(ROWS);
+    let mut row = first_row;
+    for y in &mut groups {
+        let y: &mut [f32; ROWS] = y.try_into().expect("chunks_exact yields ROWS elements");
+        // SAFETY: rows `row..row + ROWS` exist (asserted above).
+        unsafe { dot_rows(w, row, &x, &tables, y) };
+        row += ROWS;
+    }
+    for y in groups.into_remainder() {
+        // SAFETY: as above.
+        unsafe { dot_rows(w, row, &x, &tables, std::array::from_mut(y)) };
+        row += 1;
+    }
+}
