@@ -281,12 +281,34 @@ fn marengo_node(
     weight: &str,
     binding: &Fp8Binding,
 ) -> NodeProto {
+    let (name, output) = (replaced.name.clone(), replaced.output.clone());
+    fp8_node(
+        op_type,
+        name,
+        input,
+        output,
+        weight,
+        binding.rows,
+        binding.cols,
+    )
+}
+
+/// A marengo FP8 node of one weight, in the form [`super::shared_input`] later groups.
+pub(super) fn fp8_node(
+    op_type: &str,
+    name: String,
+    input: &str,
+    output: Vec<String>,
+    weight: &str,
+    rows: usize,
+    cols: usize,
+) -> NodeProto {
     NodeProto {
-        name: replaced.name.clone(),
+        name,
         op_type: op_type.into(),
         domain: DOMAIN.into(),
         input: vec![input.to_string()],
-        output: replaced.output.clone(),
+        output,
         attribute: vec![
             AttributeProto {
                 name: WEIGHTS.into(),
@@ -297,13 +319,13 @@ fn marengo_node(
             AttributeProto {
                 name: ROWS.into(),
                 r#type: pb::attribute_proto::AttributeType::Ints as i32,
-                ints: vec![binding.rows as i64],
+                ints: vec![rows as i64],
                 ..Default::default()
             },
             AttributeProto {
                 name: COLS.into(),
                 r#type: pb::attribute_proto::AttributeType::Int as i32,
-                i: binding.cols as i64,
+                i: cols as i64,
                 ..Default::default()
             },
         ],

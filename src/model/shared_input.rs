@@ -82,37 +82,12 @@ fn attribute_mut<'n>(node: &'n mut NodeProto, name: &str) -> Option<&'n mut Attr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tract_onnx::pb;
+    use crate::model::rewrite;
 
     fn linear(input: &str, weight: &str, rows: i64) -> NodeProto {
-        NodeProto {
-            name: weight.into(),
-            op_type: FP8_LINEAR.into(),
-            domain: DOMAIN.into(),
-            input: vec![input.into()],
-            output: vec![format!("{weight}.output")],
-            attribute: vec![
-                AttributeProto {
-                    name: WEIGHTS.into(),
-                    r#type: pb::attribute_proto::AttributeType::Strings as i32,
-                    strings: vec![weight.as_bytes().to_vec()],
-                    ..Default::default()
-                },
-                AttributeProto {
-                    name: ROWS.into(),
-                    r#type: pb::attribute_proto::AttributeType::Ints as i32,
-                    ints: vec![rows],
-                    ..Default::default()
-                },
-                AttributeProto {
-                    name: COLS.into(),
-                    r#type: pb::attribute_proto::AttributeType::Int as i32,
-                    i: 64,
-                    ..Default::default()
-                },
-            ],
-            ..Default::default()
-        }
+        let output = vec![format!("{weight}.output")];
+        let rows = usize::try_from(rows).expect("test rows are positive");
+        rewrite::fp8_node(FP8_LINEAR, weight.into(), input, output, weight, rows, 64)
     }
 
     fn other(op: &str, inputs: &[&str], output: &str) -> NodeProto {
