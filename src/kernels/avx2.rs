@@ -16,7 +16,7 @@ use std::arch::x86_64::*;
 use super::e4m3::{F16_RESCALE, SCALED_VALUES};
 use super::matrix::{Fp8Matrix, ScaleCursor};
 use super::parallel::{Backend, NR};
-use super::prefetch::{LINE, prefetch};
+use super::prefetch::{LINE, prefetch_ahead};
 use super::scratch::Scratch;
 
 pub(super) static BACKEND: Backend = Backend {
@@ -229,14 +229,11 @@ unsafe fn dot_rows<const R: usize>(w: &Fp8Matrix, first_row: usize, x: &[f32], y
         })
     };
     let starts = rows.map(<[u8]>::as_ptr);
-    // The rows taken after these: warming them while these are summed keeps the reads
-    // streaming across page boundaries (see `prefetch`). Past the matrix's end the addresses
-    // are only prefetched, never read.
-    let ahead = starts.map(|start| start.wrapping_add(R * cols));
     for col in (0..whole).step_by(STEP) {
         if col % LINE == 0 {
-            for next in ahead {
-                prefetch(next.wrapping_add(col));
+            // Past the matrix's end the addresses are only prefetched, never read.
+            for start in starts {
+                prefetch_ahead(start.wrapping_add(col));
             }
         }
         // SAFETY: `col < whole <= cols`, within every row.
@@ -331,8 +328,6 @@ unsafe fn dot_tokens<const R: usize, const T: usize>(
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     let mut cursor = w.block().map(|_| ScaleCursor::new(w));
     let starts = rows.map(<[u8]>::as_ptr);
-    // As in `dot_rows`: the rows taken next are warmed while these are summed.
-    let ahead = starts.map(|start| start.wrapping_add(R * cols));
     let mut step = |codes: [*const u8; R], col: usize| {
         let scales = cursor.as_mut().map(|cursor| (cursor.next(), cursor.next()));
         // SAFETY: 32 readable bytes at each `codes[r]` (callers below); every token's inputs
@@ -360,8 +355,9 @@ unsafe fn dot_tokens<const R: usize, const T: usize>(
     };
     for col in (0..whole).step_by(STEP) {
         if col % LINE == 0 {
-            for next in ahead {
-                prefetch(next.wrapping_add(col));
+            // Past the matrix's end the addresses are only prefetched, never read.
+            for start in starts {
+                prefetch_ahead(start.wrapping_add(col));
             }
         }
         // SAFETY: `col + 32 <= whole <= cols`, within every row.

@@ -25,7 +25,7 @@ use super::avx2;
 use super::e4m3::F16_RESCALE;
 use super::matrix::Fp8Matrix;
 use super::parallel::{Backend, NR};
-use super::prefetch::{LINE, prefetch};
+use super::prefetch::{LINE, prefetch_ahead};
 use super::scratch::Scratch;
 
 pub(super) static BACKEND: Backend = Backend {
@@ -234,9 +234,6 @@ unsafe fn dot_rows<const R: usize>(w: &Fp8Matrix, first_row: usize, x: &[f32], y
     // Two accumulators per row hide the FMA latency.
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     let starts = rows.map(<[u8]>::as_ptr);
-    // The rows taken after these, warmed while these are summed (see `prefetch`); past the
-    // matrix's end the addresses are only prefetched, never read.
-    let ahead = starts.map(|start| start.wrapping_add(R * cols));
     let mut step = |codes: [*const u8; R], x: *const f32| {
         // SAFETY: 64 readable f32 at `x` and bytes at each `codes[r]` (callers below).
         unsafe {
@@ -256,8 +253,9 @@ unsafe fn dot_rows<const R: usize>(w: &Fp8Matrix, first_row: usize, x: &[f32], y
         }
     };
     for col in (0..whole).step_by(STEP) {
-        for next in ahead {
-            prefetch(next.wrapping_add(col));
+        // Past the matrix's end the addresses are only prefetched, never read.
+        for start in starts {
+            prefetch_ahead(start.wrapping_add(col));
         }
         // SAFETY: `col + 64 <= whole <= cols`, within every row; `x` holds whole steps.
         step(starts.map(|start| unsafe { start.add(col) }), unsafe {
@@ -335,8 +333,6 @@ unsafe fn dot_tokens<const R: usize, const T: usize>(
     let mut scratch = [[_mm512_setzero_si512(); 2]; R];
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     let starts = rows.map(<[u8]>::as_ptr);
-    // As in `dot_rows`: the rows taken next are warmed while these are summed.
-    let ahead = starts.map(|start| start.wrapping_add(R * cols));
     let mut step = |codes: [*const u8; R], col: usize| {
         // SAFETY: 64 readable bytes at each `codes[r]` (callers below); every token's inputs
         // hold whole steps, so `col + 64 <= stride`.
@@ -355,8 +351,9 @@ unsafe fn dot_tokens<const R: usize, const T: usize>(
         }
     };
     for col in (0..whole).step_by(STEP) {
-        for next in ahead {
-            prefetch(next.wrapping_add(col));
+        // Past the matrix's end the addresses are only prefetched, never read.
+        for start in starts {
+            prefetch_ahead(start.wrapping_add(col));
         }
         // SAFETY: `col + 64 <= whole <= cols`, within every row.
         step(starts.map(|start| unsafe { start.add(col) }), col);

@@ -11,7 +11,7 @@ use std::arch::asm;
 use super::e4m3::{F16_RESCALE, SCALED_VALUES};
 use super::matrix::{Fp8Matrix, ScaleCursor};
 use super::parallel::{Backend, NR};
-use super::prefetch::{LINE, prefetch};
+use super::prefetch::{LINE, prefetch_ahead};
 
 pub(super) static BACKEND: Backend = Backend {
     mr: MR,
@@ -165,14 +165,11 @@ unsafe fn dot_rows<const R: usize>(w: &Fp8Matrix, first_row: usize, x: &[f32], y
         })
     };
     let starts = rows.map(<[u8]>::as_ptr);
-    // The rows taken after these: warming them while these are summed keeps the reads
-    // streaming across page boundaries (see `prefetch`). Past the matrix's end the addresses
-    // are only prefetched, never read.
-    let ahead = starts.map(|start| start.wrapping_add(R * cols));
     for col in (0..whole).step_by(STEP) {
         if col % LINE == 0 {
-            for next in ahead {
-                prefetch(next.wrapping_add(col));
+            // Past the matrix's end the addresses are only prefetched, never read.
+            for start in starts {
+                prefetch_ahead(start.wrapping_add(col));
             }
         }
         // SAFETY: `col < whole <= cols`, within every row.
@@ -255,8 +252,6 @@ unsafe fn dot_tokens<const R: usize, const T: usize>(
     let mut acc = [[zero; T]; R];
     let mut cursor = w.block().map(|_| ScaleCursor::new(w));
     let starts = rows.map(<[u8]>::as_ptr);
-    // As in `dot_rows`: the rows taken next are warmed while these are summed.
-    let ahead = starts.map(|start| start.wrapping_add(R * cols));
     let mut step = |codes: [*const u8; R], col: usize| {
         let scale = cursor.as_mut().map(ScaleCursor::next);
         // SAFETY: 16 readable bytes at each `codes[r]` (callers below); every token's inputs
@@ -280,8 +275,9 @@ unsafe fn dot_tokens<const R: usize, const T: usize>(
     };
     for col in (0..whole).step_by(STEP) {
         if col % LINE == 0 {
-            for next in ahead {
-                prefetch(next.wrapping_add(col));
+            // Past the matrix's end the addresses are only prefetched, never read.
+            for start in starts {
+                prefetch_ahead(start.wrapping_add(col));
             }
         }
         // SAFETY: `col + 16 <= whole <= cols`, within every row.
