@@ -35,6 +35,7 @@ pub(super) static BACKEND: Backend = Backend {
     pack_panel,
     tile,
     dequantize_row: avx2::dequantize_row,
+    pairs: None,
 };
 
 /// Tokens per register tile: 24 accumulators, the weights and spare registers for the

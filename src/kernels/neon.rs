@@ -20,6 +20,7 @@ pub(super) static BACKEND: Backend = Backend {
     pack_panel,
     tile,
     dequantize_row,
+    pairs: None,
 };
 
 /// Rows walked together by the matrix-vector kernel.

@@ -13,7 +13,7 @@ pub(crate) const NR: usize = 16;
 /// Reduction length of a packed panel: its `NR × KC` f32 (32 KiB) stay in L1 while every token
 /// passes over them. Longer panels also mean fewer passes adding partial sums into `y`, whose
 /// rows of a prompt chunk are far larger than L2: 256 spent a sixth of a prefill there.
-const KC: usize = 512;
+pub(super) const KC: usize = 512;
 /// Tokens per pass over a panel, so that their packed `[MC, KC]` slice of `X` stays in L2.
 /// A multiple of every implementation's tile height.
 const MC: usize = 240;
@@ -54,6 +54,32 @@ pub(crate) struct Backend {
     pub tile: unsafe fn(panel: &[f32], x: &[f32], tile: &mut [[f32; NR]]),
     /// `out[k] = W[row, k]` (scaled).
     pub dequantize_row: unsafe fn(w: &Fp8Matrix, row: usize, out: &mut [f32]),
+    /// Panels of bf16 pairs, which the matrix product takes instead of [`Self::pack_panel`]
+    /// and [`Self::tile`] when present.
+    pub pairs: Option<PairPanels>,
+}
+
+/// A matrix product over bf16 pairs instead of f32: a panel holds, for each pair of columns
+/// `(2p, 2p + 1)` and each of its `NR` rows, the two scaled weights rounded to bf16 in one
+/// `u32` (the first in the low half); the inputs likewise, `mr` tokens per pair (see
+/// [`pack_input_pairs`]). An instruction such as `vdpbf16ps` then does two multiply-adds per
+/// lane where an f32 FMA does one. Rounding the inputs and the scaled weights to bf16 changes
+/// the arithmetic (each by at most `2^-9` relative); `marengod perplexity` measures what that
+/// does to the model (see `Isa::Avx512Bf16`).
+pub(crate) struct PairPanels {
+    /// Tokens in one register tile of [`Self::tile`], at most [`MAX_MR`].
+    pub mr: usize,
+    /// Writes the pairs of `W[first_row + j, first_col + 2p..]` for `p < panel.len() / NR`,
+    /// zeros past `rows` and past the matrix's last column.
+    pub pack_panel: unsafe fn(
+        w: &Fp8Matrix,
+        first_row: usize,
+        rows: usize,
+        first_col: usize,
+        panel: &mut [u32],
+    ),
+    /// `tile[i][j] = Σ_p x[p * mr + i] · panel[p * NR + j]` over the panel's pairs, for `i < mr`.
+    pub tile: unsafe fn(panel: &[u32], x: &[u32], tile: &mut [[f32; NR]]),
 }
 
 pub(super) fn matvec(backend: &Backend, w: &Fp8Matrix, x: &[f32], y: &mut [f32]) {
@@ -171,6 +197,113 @@ unsafe impl Send for SharedOutput {}
 unsafe impl Sync for SharedOutput {}
 
 pub(super) fn matmul(backend: &Backend, w: &Fp8Matrix, x: &[f32], m: usize, y: &mut [f32]) {
+    match &backend.pairs {
+        Some(pairs) => matmul_with(pairs, w, x, m, y),
+        None => matmul_with(backend, w, x, m, y),
+    }
+}
+
+/// The operands of a register tile, as the matrix product packs them: f32 ([`Backend`]) or
+/// bf16 pairs ([`PairPanels`]).
+trait Panels: Sync {
+    type Element: Copy + Default + Send;
+    fn mr(&self) -> usize;
+    /// Panel elements along the reduction for `depth` columns.
+    fn elements(&self, depth: usize) -> usize;
+    fn pack_inputs(
+        &self,
+        x: &[f32],
+        k: usize,
+        tokens: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        packed: &mut [Self::Element],
+    );
+    /// # Safety
+    /// The CPU features of the implementation must be present.
+    unsafe fn pack_panel(
+        &self,
+        w: &Fp8Matrix,
+        first_row: usize,
+        rows: usize,
+        first_col: usize,
+        panel: &mut [Self::Element],
+    );
+    /// # Safety
+    /// As [`Self::pack_panel`].
+    unsafe fn tile(&self, panel: &[Self::Element], x: &[Self::Element], tile: &mut [[f32; NR]]);
+}
+
+impl Panels for Backend {
+    type Element = f32;
+    fn mr(&self) -> usize {
+        self.mr
+    }
+    fn elements(&self, depth: usize) -> usize {
+        depth
+    }
+    fn pack_inputs(
+        &self,
+        x: &[f32],
+        k: usize,
+        tokens: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        packed: &mut [f32],
+    ) {
+        pack_inputs(x, k, tokens, cols, self.mr, packed);
+    }
+    unsafe fn pack_panel(
+        &self,
+        w: &Fp8Matrix,
+        first_row: usize,
+        rows: usize,
+        first_col: usize,
+        panel: &mut [f32],
+    ) {
+        // SAFETY: the caller's.
+        unsafe { (self.pack_panel)(w, first_row, rows, first_col, panel) }
+    }
+    unsafe fn tile(&self, panel: &[f32], x: &[f32], tile: &mut [[f32; NR]]) {
+        // SAFETY: the caller's.
+        unsafe { (self.tile)(panel, x, tile) }
+    }
+}
+
+impl Panels for PairPanels {
+    type Element = u32;
+    fn mr(&self) -> usize {
+        self.mr
+    }
+    fn elements(&self, depth: usize) -> usize {
+        depth.div_ceil(2)
+    }
+    fn pack_inputs(
+        &self,
+        x: &[f32],
+        k: usize,
+        tokens: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        packed: &mut [u32],
+    ) {
+        pack_input_pairs(x, k, tokens, cols, self.mr, packed);
+    }
+    unsafe fn pack_panel(
+        &self,
+        w: &Fp8Matrix,
+        first_row: usize,
+        rows: usize,
+        first_col: usize,
+        panel: &mut [u32],
+    ) {
+        // SAFETY: the caller's.
+        unsafe { (self.pack_panel)(w, first_row, rows, first_col, panel) }
+    }
+    unsafe fn tile(&self, panel: &[u32], x: &[u32], tile: &mut [[f32; NR]]) {
+        // SAFETY: the caller's.
+        unsafe { (self.tile)(panel, x, tile) }
+    }
+}
+
+fn matmul_with<P: Panels>(panels: &P, w: &Fp8Matrix, x: &[f32], m: usize, y: &mut [f32]) {
     let strips = w.rows().div_ceil(NR);
     let groups = pool::threads().min(strips);
     let output = SharedOutput {
@@ -183,17 +316,17 @@ pub(super) fn matmul(backend: &Backend, w: &Fp8Matrix, x: &[f32], m: usize, y: &
         first..end
     };
     if groups == 1 {
-        matmul_columns(backend, w, x, m, output, columns(0));
+        matmul_columns(panels, w, x, m, output, columns(0));
     } else {
         pool::run(groups, |group| {
-            matmul_columns(backend, w, x, m, output, columns(group));
+            matmul_columns(panels, w, x, m, output, columns(group));
         });
     }
 }
 
 /// Computes the columns `columns` of every row of `y`; nothing else of `y` is touched.
-fn matmul_columns(
-    backend: &Backend,
+fn matmul_columns<P: Panels>(
+    panels: &P,
     w: &Fp8Matrix,
     x: &[f32],
     m: usize,
@@ -201,32 +334,32 @@ fn matmul_columns(
     columns: std::ops::Range<usize>,
 ) {
     let (n, k) = (w.rows(), w.cols());
-    let mr = backend.mr;
+    let mr = panels.mr();
     debug_assert_eq!(output.len, m * n);
     debug_assert!(mr <= MAX_MR && MC.is_multiple_of(mr));
-    let mut panel = vec![0.0; KC * NR];
-    let mut inputs = vec![0.0; MC * KC];
+    let mut panel = vec![P::Element::default(); panels.elements(KC) * NR];
+    let mut inputs = vec![P::Element::default(); MC * panels.elements(KC)];
     let mut tile = [[0.0; NR]; MAX_MR];
     let tile = &mut tile[..mr];
     for first_token in (0..m).step_by(MC) {
         let tokens = first_token..(first_token + MC).min(m);
         for first_col in (0..k).step_by(KC) {
             let depth = KC.min(k - first_col);
-            let panel = &mut panel[..depth * NR];
-            pack_inputs(
+            let elements = panels.elements(depth);
+            let panel = &mut panel[..elements * NR];
+            panels.pack_inputs(
                 x,
                 k,
                 tokens.clone(),
                 first_col..first_col + depth,
-                mr,
                 &mut inputs,
             );
             for first_row in columns.clone().step_by(NR) {
                 let width = NR.min(columns.end - first_row);
                 // SAFETY: the backend's CPU features are present (see `Backend`).
-                unsafe { (backend.pack_panel)(w, first_row, width, first_col, panel) };
+                unsafe { panels.pack_panel(w, first_row, width, first_col, panel) };
                 prefetch_panel(w, first_row + NR..columns.end, first_col..first_col + depth);
-                let tiles = inputs.chunks_exact(depth * mr);
+                let tiles = inputs.chunks_exact(elements * mr);
                 for (token, packed) in tokens.clone().step_by(mr).zip(tiles) {
                     let height = mr.min(tokens.end - token);
                     // The rows of `y` this tile adds to were last touched a whole sweep of
@@ -240,7 +373,7 @@ fn matmul_columns(
                         );
                     }
                     // SAFETY: as above.
-                    unsafe { (backend.tile)(panel, packed, tile) };
+                    unsafe { panels.tile(panel, packed, tile) };
                     for (i, tile_row) in tile.iter().take(height).enumerate() {
                         let start = (token + i) * n + first_row;
                         assert!(start + width <= output.len);
@@ -311,4 +444,45 @@ fn pack_inputs(
             }
         }
     }
+}
+
+/// [`pack_inputs`] for [`PairPanels`]: each element holds the inputs of two consecutive
+/// columns rounded to bf16, the first in the low half; a last odd column is paired with zero.
+fn pack_input_pairs(
+    x: &[f32],
+    k: usize,
+    tokens: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    mr: usize,
+    packed: &mut [u32],
+) {
+    let pairs = cols.len().div_ceil(2);
+    for (first, tile) in tokens
+        .clone()
+        .step_by(mr)
+        .zip(packed.chunks_exact_mut(pairs * mr))
+    {
+        for i in 0..mr {
+            let token = first + i;
+            if token < tokens.end {
+                let row = &x[token * k + cols.start..token * k + cols.end];
+                for (pair, values) in row.chunks(2).enumerate() {
+                    let high = values.get(1).map_or(0, |&v| bf16(v));
+                    tile[pair * mr + i] = bf16(values[0]) | high << 16;
+                }
+            } else {
+                (0..pairs).for_each(|pair| tile[pair * mr + i] = 0);
+            }
+        }
+    }
+}
+
+/// `value` rounded to the nearest bf16 (ties to even), as the bits of its upper half.
+pub(crate) fn bf16(value: f32) -> u32 {
+    let bits = value.to_bits();
+    if value.is_nan() {
+        // Quiet, whatever the payload's low bits.
+        return (bits >> 16) | 0x40;
+    }
+    (bits + 0x7fff + ((bits >> 16) & 1)) >> 16
 }

@@ -13,6 +13,7 @@ pub(super) static BACKEND: Backend = Backend {
     pack_panel,
     tile,
     dequantize_row,
+    pairs: None,
 };
 
 const LANES: usize = 8;
