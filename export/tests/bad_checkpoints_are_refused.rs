@@ -211,6 +211,54 @@ fn scaled_rope_is_refused_by_key() {
     );
 }
 
+/// Each refusal of what the graph cannot compute names the key, the value found and what is
+/// supported, so that the user knows whether another checkpoint or another option would do.
+#[test]
+fn unsupported_settings_name_the_key_the_value_and_what_is_supported() {
+    let (checkpoint, bundle) = mistral("unsupported_settings");
+    let original = std::fs::read_to_string(checkpoint.join("config.json")).unwrap();
+    let cases: [(&str, serde_json::Value, &[&str]); 5] = [
+        (
+            "architectures",
+            serde_json::json!(["GPT2LMHeadModel"]),
+            &[
+                "`architectures`",
+                "GPT2LMHeadModel",
+                "MistralForCausalLM",
+                "LlamaForCausalLM",
+            ],
+        ),
+        (
+            "hidden_act",
+            "gelu".into(),
+            &["`hidden_act`", "gelu", "supported: silu"],
+        ),
+        (
+            "attention_bias",
+            true.into(),
+            &["`attention_bias`", "true", "supported: false"],
+        ),
+        (
+            "mlp_bias",
+            true.into(),
+            &["`mlp_bias`", "true", "supported: false"],
+        ),
+        (
+            "rope_scaling",
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+            &["`rope_scaling.rope_type`", "yarn", "supported: default"],
+        ),
+    ];
+    for (key, value, wanted) in cases {
+        std::fs::write(checkpoint.join("config.json"), &original).unwrap();
+        edit_config(&checkpoint, |c| c[key] = value);
+        let err = convert_fails(&checkpoint, &bundle, &[]);
+        for w in wanted {
+            assert!(err.contains(w), "{key}: {w:?} not in {err}");
+        }
+    }
+}
+
 #[test]
 fn a_checkpoint_without_tokenizer_is_refused() {
     let (checkpoint, bundle) = mistral("no_tokenizer");

@@ -28,12 +28,13 @@ pub enum ConfigError {
         source: serde_json::Error,
     },
     #[error(
-        "{path}: unsupported architecture {found:?} (supported: MistralForCausalLM, LlamaForCausalLM)"
+        "{path}: key `architectures` = {found:?} is not supported (supported: {SUPPORTED_ARCHITECTURES})"
     )]
     UnsupportedArchitecture { path: PathBuf, found: String },
     #[error("{path}: key `{key}` is missing")]
     Missing { path: PathBuf, key: &'static str },
-    #[error("{path}: key `{key}` = {value} is not supported: {why}")]
+    /// `why` says what is supported instead.
+    #[error("{path}: key `{key}` = {value} is not supported ({why})")]
     Unsupported {
         path: PathBuf,
         key: &'static str,
@@ -65,6 +66,9 @@ impl ConfigError {
         }
     }
 }
+
+/// The `architectures` the graph computes faithfully, as the refusal lists them.
+pub const SUPPORTED_ARCHITECTURES: &str = "MistralForCausalLM, LlamaForCausalLM";
 
 /// The `config.json` key of an architecture field.
 fn config_key(field: ArchitectureField) -> &'static str {
@@ -230,7 +234,7 @@ impl ModelConfig {
                     return Err(unsupported(
                         "rope_parameters.rope_type",
                         kind.to_owned(),
-                        "only the default rotary embedding is exported",
+                        "supported: default",
                     ));
                 }
                 params
@@ -242,16 +246,15 @@ impl ModelConfig {
             (None, None) => 10_000.0,
         };
         if let Some(scaling) = raw.rope_scaling.as_ref().filter(|v| !v.is_null()) {
-            let default = scaling
+            let kind = scaling
                 .get("rope_type")
                 .or_else(|| scaling.get("type"))
-                .and_then(Value::as_str)
-                == Some("default");
-            if !default {
+                .and_then(Value::as_str);
+            if kind != Some("default") {
                 return Err(unsupported(
-                    "rope_scaling",
-                    scaling.to_string(),
-                    "only the default rotary embedding is exported",
+                    "rope_scaling.rope_type",
+                    kind.map_or_else(|| scaling.to_string(), str::to_owned),
+                    "supported: default",
                 ));
             }
         }
@@ -261,21 +264,21 @@ impl ModelConfig {
             return Err(unsupported(
                 "hidden_act",
                 act.to_owned(),
-                "the MLP is exported as SiLU-gated",
+                "supported: silu (the MLP is exported as SiLU-gated)",
             ));
         }
         if raw.attention_bias {
             return Err(unsupported(
                 "attention_bias",
                 "true".into(),
-                "projections are exported without bias",
+                "supported: false (the attention projections are exported without bias)",
             ));
         }
         if raw.mlp_bias {
             return Err(unsupported(
                 "mlp_bias",
                 "true".into(),
-                "projections are exported without bias",
+                "supported: false (the MLP projections are exported without bias)",
             ));
         }
         let dtype = match raw.dtype.as_deref().or(raw.torch_dtype.as_deref()) {
@@ -284,7 +287,7 @@ impl ModelConfig {
                 unsupported(
                     "torch_dtype",
                     name.to_owned(),
-                    "weights must be bfloat16, float16 or float32",
+                    "supported: bfloat16, float16, float32",
                 )
             })?),
         };

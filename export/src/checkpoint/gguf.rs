@@ -37,6 +37,14 @@ pub enum GgufSourceError {
     },
     #[error("{path}: tensor {tensor:?} has no HuggingFace counterpart in a llama model")]
     UnexpectedTensor { path: PathBuf, tensor: String },
+    #[error(
+        "{path}: tensor {tensor:?} is a bias, which `general.architecture` = {architecture} does not have (supported: weights only)"
+    )]
+    UnexpectedBias {
+        path: PathBuf,
+        tensor: String,
+        architecture: String,
+    },
     #[error("{path}: tensor {tensor:?} has shape {found:?}, the metadata implies {expected:?}")]
     Shape {
         path: PathBuf,
@@ -268,11 +276,20 @@ fn map_tensors(
     let expected = hf_layout::expected_tensors(arch);
     let mut out = Vec::with_capacity(index.tensors.len());
     for info in &index.tensors {
-        let (hf, unpermute_heads) =
-            hf_name(&info.name, arch).ok_or_else(|| GgufSourceError::UnexpectedTensor {
-                path: path.to_owned(),
-                tensor: info.name.clone(),
-            })?;
+        let (hf, unpermute_heads) = hf_name(&info.name, arch).ok_or_else(|| {
+            if info.name.ends_with(".bias") {
+                GgufSourceError::UnexpectedBias {
+                    path: path.to_owned(),
+                    tensor: info.name.clone(),
+                    architecture: arch.family.clone(),
+                }
+            } else {
+                GgufSourceError::UnexpectedTensor {
+                    path: path.to_owned(),
+                    tensor: info.name.clone(),
+                }
+            }
+        })?;
         let want = expected.iter().find(|e| e.name == hf).ok_or_else(|| {
             GgufSourceError::UnexpectedTensor {
                 path: path.to_owned(),
@@ -330,7 +347,7 @@ fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigErr
         return Err(meta.unsupported(
             "general.architecture",
             arch.to_owned(),
-            "only the llama architecture (Llama, Mistral, SmolLM) is exported",
+            "supported: llama (Llama, Mistral, SmolLM)",
         ));
     }
     let required = |key: &'static str| -> Result<usize, ConfigError> {
@@ -374,7 +391,7 @@ fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigErr
         return Err(meta.unsupported(
             "llama.rope.dimension_count",
             rope_dims.to_string(),
-            "partial rotary embedding is not exported",
+            "supported: llama.attention.key_length, a rotary embedding over the whole head",
         ));
     }
     if let Some(kind) = meta.string("llama.rope.scaling.type")?
@@ -383,14 +400,14 @@ fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigErr
         return Err(meta.unsupported(
             "llama.rope.scaling.type",
             kind.to_owned(),
-            "only the default rotary embedding is exported",
+            "supported: none",
         ));
     }
     if index.tensor("rope_freqs.weight").is_some() {
         return Err(meta.unsupported(
             "rope_freqs.weight",
             "present".into(),
-            "per-frequency rope scaling (Llama 3.1 style) is not exported",
+            "supported: absent, per-frequency rope scaling (Llama 3.1 style) is not exported",
         ));
     }
     if let Some(experts) = meta.uint("llama.expert_count")?
@@ -399,7 +416,7 @@ fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigErr
         return Err(meta.unsupported(
             "llama.expert_count",
             experts.to_string(),
-            "mixture-of-experts models are not exported",
+            "supported: 0, mixture-of-experts models are not exported",
         ));
     }
     let rope_theta = meta.float("llama.rope.freq_base")?.unwrap_or(10_000.0);
