@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use marengo_bundle::architecture::ArchitectureField;
-use marengo_bundle::manifest::Architecture;
+use marengo_bundle::manifest::{Architecture, RopeScaling};
 use sha2::{Digest, Sha256};
 
 use super::{
@@ -83,7 +83,10 @@ impl GgufCheckpoint {
     /// Maps `path`, validates its metadata and tensor shapes, and rebuilds its tokenizer.
     pub fn open(path: &Path) -> Result<Self, GgufSourceError> {
         let file = GgufFile::open(path)?;
-        let config = model_config(path, file.index())?;
+        let mut config = model_config(path, file.index())?;
+        if let Some(divisors) = rope_divisors(path, &file, &config.architecture)? {
+            config.architecture.rope_scaling = Some(RopeScaling::Divisors { divisors });
+        }
         let tensors = map_tensors(path, file.index(), &config.architecture)?;
         let tokenizer = GgufTokenizer::from_metadata(&file.index().metadata).map_err(|source| {
             GgufSourceError::Tokenizer {
@@ -217,6 +220,40 @@ impl CheckpointSource for GgufCheckpoint {
     }
 }
 
+/// llama.cpp's tensor of per-frequency rotary divisors, Llama 3's rope scaling precomputed.
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// The divisors of [`ROPE_FREQS`], one per rotary frequency, when the file has them.
+fn rope_divisors(
+    path: &Path,
+    file: &GgufFile,
+    arch: &Architecture,
+) -> Result<Option<Vec<f64>>, GgufSourceError> {
+    let Some(info) = file.index().tensor(ROPE_FREQS) else {
+        return Ok(None);
+    };
+    let expected = vec![arch.head_dim / 2];
+    if info.shape() != expected {
+        return Err(GgufSourceError::Shape {
+            path: path.to_owned(),
+            tensor: ROPE_FREQS.to_owned(),
+            found: info.shape(),
+            expected,
+        });
+    }
+    let divisors: Vec<f64> = file.dequantize(info)?.into_iter().map(f64::from).collect();
+    if let Some(bad) = divisors.iter().find(|d| !(d.is_finite() && **d > 0.0)) {
+        return Err(ConfigError::Unsupported {
+            path: path.to_owned(),
+            key: ROPE_FREQS.to_owned(),
+            value: format!("a divisor of {bad}"),
+            why: "supported: positive divisors",
+        }
+        .into());
+    }
+    Ok(Some(divisors))
+}
+
 /// Puts back the rows llama.cpp interleaved: `data` is `heads` groups of `d` rows of
 /// `row_bytes` each; GGUF row `2j + h` of a group becomes row `h·(d/2) + j`.
 pub fn unpermute_rows(data: &[u8], row_bytes: usize, heads: usize) -> Vec<u8> {
@@ -275,7 +312,7 @@ fn map_tensors(
 ) -> Result<Vec<Mapping>, GgufSourceError> {
     let expected = hf_layout::expected_tensors(arch);
     let mut out = Vec::with_capacity(index.tensors.len());
-    for info in &index.tensors {
+    for info in index.tensors.iter().filter(|t| t.name != ROPE_FREQS) {
         let (hf, unpermute_heads) = hf_name(&info.name, arch).ok_or_else(|| {
             if info.name.ends_with(".bias") {
                 GgufSourceError::UnexpectedBias {
@@ -394,22 +431,30 @@ fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigErr
             "supported: llama.attention.key_length, a rotary embedding over the whole head",
         ));
     }
-    if let Some(kind) = meta.string("llama.rope.scaling.type")?
-        && kind != "none"
-    {
-        return Err(meta.unsupported(
-            "llama.rope.scaling.type",
-            kind.to_owned(),
-            "supported: none",
-        ));
-    }
-    if index.tensor("rope_freqs.weight").is_some() {
-        return Err(meta.unsupported(
-            "rope_freqs.weight",
-            "present".into(),
-            "supported: absent, per-frequency rope scaling (Llama 3.1 style) is not exported",
-        ));
-    }
+    // Llama 3's scaling comes as the `rope_freqs.weight` tensor, read with the tensors.
+    let rope_scaling = match meta.string("llama.rope.scaling.type")? {
+        None | Some("none") => None,
+        Some("linear") => {
+            let factor = meta
+                .float("llama.rope.scaling.factor")?
+                .ok_or_else(|| meta.missing("llama.rope.scaling.factor"))?;
+            if !(factor.is_finite() && factor > 0.0) {
+                return Err(meta.unsupported(
+                    "llama.rope.scaling.factor",
+                    factor.to_string(),
+                    "supported: a positive number",
+                ));
+            }
+            Some(RopeScaling::Linear { factor })
+        }
+        Some(kind) => {
+            return Err(meta.unsupported(
+                "llama.rope.scaling.type",
+                kind.to_owned(),
+                "supported: none, linear; Llama 3's scaling as rope_freqs.weight",
+            ));
+        }
+    };
     if let Some(experts) = meta.uint("llama.expert_count")?
         && experts > 0
     {
@@ -449,6 +494,7 @@ fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigErr
         rms_norm_eps,
         tie_word_embeddings: index.tensor("output.weight").is_none(),
         context_length,
+        rope_scaling,
     };
     architecture
         .validate()
@@ -476,14 +522,14 @@ impl Meta<'_> {
     fn missing(&self, key: &'static str) -> ConfigError {
         ConfigError::Missing {
             path: self.path.to_owned(),
-            key,
+            key: key.to_owned(),
         }
     }
 
     fn unsupported(&self, key: &'static str, value: String, why: &'static str) -> ConfigError {
         ConfigError::Unsupported {
             path: self.path.to_owned(),
-            key,
+            key: key.to_owned(),
             value,
             why,
         }
@@ -579,6 +625,7 @@ mod tests {
             rms_norm_eps: 1e-5,
             tie_word_embeddings: true,
             context_length: 16,
+            rope_scaling: None,
         };
         assert_eq!(
             hf_name("blk.1.attn_k.weight", &arch),
