@@ -199,6 +199,11 @@ fn f32_llama3_scaled_matches_transformers() {
 }
 
 #[test]
+fn f32_qwen2_bias_matches_transformers() {
+    f32_bundle_matches_transformers("qwen2-bias");
+}
+
+#[test]
 fn f32_llama3_scaled_from_gguf_matches_transformers() {
     f32_bundle_from_matches_transformers("llama3-scaled", Source::Gguf("llama3-scaled"));
 }
@@ -254,6 +259,13 @@ fn fp8_llama_tied_matches_onnxruntime() {
 #[test]
 fn fp8_llama3_scaled_matches_onnxruntime() {
     fp8_bundle_matches_onnxruntime("llama3-scaled", Kind::Fp8);
+}
+
+/// The FP8 rewrite and the merge of the products sharing an input keep each bias on its own
+/// projection's output.
+#[test]
+fn fp8_qwen2_bias_matches_onnxruntime() {
+    fp8_bundle_matches_onnxruntime("qwen2-bias", Kind::Fp8);
 }
 
 #[test]

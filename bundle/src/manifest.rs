@@ -46,7 +46,7 @@ pub struct Manifest {
 /// The network's shape: what the graph was built for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Architecture {
-    /// `mistral` or `llama`: the two share one graph, the name is for people.
+    /// `mistral`, `llama` or `qwen2`: they share one graph, the name is for people.
     pub family: String,
     pub hidden_size: usize,
     pub num_layers: usize,
@@ -65,6 +65,10 @@ pub struct Architecture {
     /// the caches, so a scaled model is the same standard ONNX as any other.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
+    /// The q, k and v projections add a bias (Qwen2), stored f32 next to their weights
+    /// ([`layer_bias`](crate::layout::layer_bias)) and added after the product.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attention_bias: bool,
 }
 
 /// How a long-context model rescales its rotary frequencies `θ^(−2j/head_dim)`.

@@ -24,6 +24,7 @@ fn write_bundle(edit: impl FnOnce(&mut Manifest)) -> tempfile::TempDir {
         tie_word_embeddings: true,
         context_length: 6,
         rope_scaling: None,
+        attention_bias: false,
     };
     let mut tensors = Vec::new();
     let mut offset = 0u64;

@@ -15,8 +15,8 @@ use marengo_bundle::graph::{
     TRANSPOSE_PERM, past_name, present_name,
 };
 use marengo_bundle::layout::{
-    EMBEDDING, FINAL_NORM, HEAD_RESIDUAL_SUFFIX, ROPE_COS, ROPE_SIN, SCALE_SUFFIX, head_tensor,
-    layer_tensor,
+    BIASED_MODULES, EMBEDDING, FINAL_NORM, HEAD_RESIDUAL_SUFFIX, ROPE_COS, ROPE_SIN, SCALE_SUFFIX,
+    head_tensor, layer_bias, layer_tensor,
 };
 use marengo_bundle::manifest::{Architecture, RopeScaling, TensorDtype, TensorEntry, WEIGHTS_FILE};
 use marengo_bundle::onnx::{
@@ -47,9 +47,22 @@ pub fn build(
         let p = format!("layers.{layer}");
         let gain = g.tensor(&layer_tensor(layer, "input_layernorm"))?;
         let normed = g.rms_norm(&format!("{p}.input_norm"), &hidden, &gain, eps);
-        let q = g.linear(&normed, &layer_tensor(layer, "self_attn.q_proj"))?;
-        let k = g.linear(&normed, &layer_tensor(layer, "self_attn.k_proj"))?;
-        let v = g.linear(&normed, &layer_tensor(layer, "self_attn.v_proj"))?;
+        let mut qkv = Vec::with_capacity(BIASED_MODULES.len());
+        for module in BIASED_MODULES {
+            let product = g.linear(&normed, &layer_tensor(layer, module))?;
+            qkv.push(if arch.attention_bias {
+                let bias = g.tensor(&layer_bias(layer, module))?;
+                g.node(
+                    ADD,
+                    &format!("model.layers.{layer}.{module}.biased"),
+                    &[&product, &bias],
+                    vec![],
+                )
+            } else {
+                product
+            });
+        }
+        let [q, k, v]: [String; 3] = qkv.try_into().expect("three projections");
         let rope = |g: &mut Builder, x: &str, heads: usize, what: &str| {
             g.node(
                 "RotaryEmbedding",

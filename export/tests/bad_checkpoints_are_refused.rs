@@ -125,11 +125,11 @@ fn a_missing_tensor_is_named() {
 fn an_unsupported_architecture_is_named() {
     let (checkpoint, bundle) = mistral("unsupported_architecture");
     edit_config(&checkpoint, |c| {
-        c["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+        c["architectures"] = serde_json::json!(["Phi3ForCausalLM"]);
     });
     let err = convert_fails(&checkpoint, &bundle, &[]);
     assert!(
-        err.contains("config.json") && err.contains("Qwen2ForCausalLM"),
+        err.contains("config.json") && err.contains("Phi3ForCausalLM"),
         "{err}"
     );
 }

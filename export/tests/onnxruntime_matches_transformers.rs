@@ -328,6 +328,12 @@ fn llama3_scaled_f32_bundle_matches_transformers() {
     f32_bundle_matches_transformers("llama3-scaled");
 }
 
+/// Qwen2's q/k/v biases, added after the products, compute what transformers does.
+#[test]
+fn qwen2_bias_f32_bundle_matches_transformers() {
+    f32_bundle_matches_transformers("qwen2-bias");
+}
+
 /// The same model from a GGUF: q/k rows unpermuted, the scaling read from `rope_freqs.weight`,
 /// the head tied to the embedding.
 #[test]

@@ -68,7 +68,7 @@ impl ConfigError {
 }
 
 /// The `architectures` the graph computes faithfully, as the refusal lists them.
-pub const SUPPORTED_ARCHITECTURES: &str = "MistralForCausalLM, LlamaForCausalLM";
+pub const SUPPORTED_ARCHITECTURES: &str = "MistralForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM";
 
 /// The `config.json` key of an architecture field.
 fn config_key(field: ArchitectureField) -> &'static str {
@@ -106,6 +106,7 @@ struct RawConfig {
     dtype: Option<String>,
     max_position_embeddings: Option<usize>,
     sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
     hidden_act: Option<String>,
     #[serde(default)]
     attention_bias: bool,
@@ -179,6 +180,7 @@ impl ModelConfig {
         let family = match raw.architectures.first().map(String::as_str) {
             Some("MistralForCausalLM") => "mistral",
             Some("LlamaForCausalLM") => "llama",
+            Some("Qwen2ForCausalLM") => "qwen2",
             other => {
                 return Err(ConfigError::UnsupportedArchitecture {
                     path: path.to_owned(),
@@ -245,13 +247,28 @@ impl ModelConfig {
                 "supported: silu (the MLP is exported as SiLU-gated)",
             ));
         }
+        // Qwen2 always adds a bias to q, k and v; Llama's `attention_bias` adds one to the
+        // output projection too, which the graph does not.
+        let attention_bias = family == "qwen2";
         if raw.attention_bias {
             return Err(unsupported(
                 "attention_bias",
                 "true".into(),
-                "supported: false (the attention projections are exported without bias)",
+                "supported: false; q/k/v biases with Qwen2ForCausalLM",
             ));
         }
+        // Qwen2 configs name a window they do not use unless `use_sliding_window` is set.
+        let sliding_window = match (family, raw.use_sliding_window) {
+            ("qwen2", Some(true)) => {
+                return Err(unsupported(
+                    "use_sliding_window",
+                    "true".into(),
+                    "supported: false, full attention in every layer",
+                ));
+            }
+            ("qwen2", _) => None,
+            _ => raw.sliding_window,
+        };
         if raw.mlp_bias {
             return Err(unsupported(
                 "mlp_bias",
@@ -284,6 +301,7 @@ impl ModelConfig {
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             context_length: max_position_embeddings,
             rope_scaling,
+            attention_bias,
         };
         architecture
             .validate()
@@ -292,7 +310,7 @@ impl ModelConfig {
             architecture,
             dtype,
             max_position_embeddings,
-            sliding_window: raw.sliding_window,
+            sliding_window,
             bos_token_id: raw.bos_token_id,
             eos_token_ids: raw.eos_token_id.map(|ids| ids.to_vec()).unwrap_or_default(),
             pad_token_id: raw.pad_token_id,
@@ -454,6 +472,22 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("`rope_scaling.low_freq_factor`"), "{err}");
+    }
+
+    #[test]
+    fn qwen2_has_qkv_biases_and_ignores_an_unused_window() {
+        let qwen2 = r#"{"architectures":["Qwen2ForCausalLM"],"hidden_size":64,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+            "intermediate_size":96,"vocab_size":100,"rms_norm_eps":1e-6,"rope_theta":1e6,
+            "max_position_embeddings":32768,"sliding_window":4096,"#;
+        let cfg = parse(&format!(r#"{qwen2}"use_sliding_window":false}}"#)).unwrap();
+        assert_eq!(cfg.architecture.family, "qwen2");
+        assert!(cfg.architecture.attention_bias);
+        assert_eq!(cfg.sliding_window, None);
+        let err = parse(&format!(r#"{qwen2}"use_sliding_window":true}}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`use_sliding_window` = true"), "{err}");
     }
 
     #[test]

@@ -495,6 +495,7 @@ fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigErr
         tie_word_embeddings: index.tensor("output.weight").is_none(),
         context_length,
         rope_scaling,
+        attention_bias: false,
     };
     architecture
         .validate()
@@ -626,6 +627,7 @@ mod tests {
             tie_word_embeddings: true,
             context_length: 16,
             rope_scaling: None,
+            attention_bias: false,
         };
         assert_eq!(
             hf_name("blk.1.attn_k.weight", &arch),
