@@ -204,6 +204,11 @@ fn f32_qwen2_bias_matches_transformers() {
 }
 
 #[test]
+fn f32_qwen2_bias_from_gguf_matches_transformers() {
+    f32_bundle_from_matches_transformers("qwen2-bias", Source::Gguf("qwen2-bias"));
+}
+
+#[test]
 fn f32_llama3_scaled_from_gguf_matches_transformers() {
     f32_bundle_from_matches_transformers("llama3-scaled", Source::Gguf("llama3-scaled"));
 }

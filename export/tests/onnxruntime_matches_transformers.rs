@@ -156,7 +156,7 @@ enum Source {
     /// The golden's synthesized HF checkpoint.
     HfDirectory,
     /// The committed GGUF `tests/fixtures/gguf/<name>.gguf`, written from that checkpoint by
-    /// gguf-py the way llama.cpp's converter writes it (make_llama3_gguf.py).
+    /// gguf-py the way llama.cpp's converter writes it (make_tiny_ggufs.py).
     Gguf,
 }
 
@@ -339,6 +339,12 @@ fn qwen2_bias_f32_bundle_matches_transformers() {
 #[test]
 fn llama3_scaled_gguf_f32_bundle_matches_transformers() {
     f32_bundle_from_matches_transformers("llama3-scaled", Source::Gguf);
+}
+
+/// Qwen2 from a GGUF: biases mapped, q/k rows as HF has them (no llama.cpp permutation).
+#[test]
+fn qwen2_bias_gguf_f32_bundle_matches_transformers() {
+    f32_bundle_from_matches_transformers("qwen2-bias", Source::Gguf);
 }
 
 // FP8 bounds. KL is KL(f32 ‖ FP8) in nats over 31 teacher-forced positions (the prompt and the

@@ -45,7 +45,7 @@ pub enum ConfigError {
     #[error("{path}: key `{key}` = {value} is not supported: {rule}")]
     Architecture {
         path: PathBuf,
-        key: &'static str,
+        key: String,
         value: usize,
         rule: ArchitectureRule,
     },
@@ -55,7 +55,7 @@ impl ConfigError {
     /// `error` told with the key `key_of` gives the field in the file at `path`.
     pub fn architecture(
         path: &Path,
-        key_of: fn(ArchitectureField) -> &'static str,
+        key_of: impl Fn(ArchitectureField) -> String,
         error: ArchitectureError,
     ) -> Self {
         ConfigError::Architecture {
@@ -305,7 +305,7 @@ impl ModelConfig {
         };
         architecture
             .validate()
-            .map_err(|e| ConfigError::architecture(path, config_key, e))?;
+            .map_err(|e| ConfigError::architecture(path, |f| config_key(f).to_owned(), e))?;
         Ok(ModelConfig {
             architecture,
             dtype,

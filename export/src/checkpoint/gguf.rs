@@ -273,8 +273,8 @@ pub fn unpermute_rows(data: &[u8], row_bytes: usize, heads: usize) -> Vec<u8> {
     out
 }
 
-/// The HF name and unpermutation of a llama GGUF tensor name, or `None` for names a llama model
-/// does not have.
+/// The HF name and unpermutation of a `llama` or `qwen2` GGUF tensor name, or `None` for names
+/// such a model does not have.
 fn hf_name(gguf: &str, arch: &Architecture) -> Option<(String, Option<usize>)> {
     let global = match gguf {
         "token_embd.weight" => Some(hf_layout::EMBEDDING),
@@ -288,10 +288,22 @@ fn hf_name(gguf: &str, arch: &Architecture) -> Option<(String, Option<usize>)> {
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, module) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
+    if let Some(module) = module.strip_suffix(".bias") {
+        let module = match module {
+            "attn_q" if arch.attention_bias => "self_attn.q_proj",
+            "attn_k" if arch.attention_bias => "self_attn.k_proj",
+            "attn_v" if arch.attention_bias => "self_attn.v_proj",
+            _ => return None,
+        };
+        return Some((hf_layout::layer_bias(layer, module), None));
+    }
+    // llama.cpp interleaves q and k for the `llama` architecture only; `qwen2` keeps
+    // HuggingFace's halves (its "NEOX" rotary embedding).
+    let permuted = arch.family == "llama";
     let (module, heads) = match module.strip_suffix(".weight")? {
         "attn_norm" => ("input_layernorm", None),
-        "attn_q" => ("self_attn.q_proj", Some(arch.num_heads)),
-        "attn_k" => ("self_attn.k_proj", Some(arch.num_kv_heads)),
+        "attn_q" => ("self_attn.q_proj", permuted.then_some(arch.num_heads)),
+        "attn_k" => ("self_attn.k_proj", permuted.then_some(arch.num_kv_heads)),
         "attn_v" => ("self_attn.v_proj", None),
         "attn_output" => ("self_attn.o_proj", None),
         "ffn_norm" => ("post_attention_layernorm", None),
@@ -360,17 +372,17 @@ fn map_tensors(
     Ok(out)
 }
 
-/// The metadata key an architecture field is read from.
-fn gguf_key(field: ArchitectureField) -> &'static str {
+/// The metadata key an architecture field is read from, after `{general.architecture}.`.
+fn gguf_key_suffix(field: ArchitectureField) -> &'static str {
     match field {
-        ArchitectureField::HiddenSize => "llama.embedding_length",
-        ArchitectureField::NumLayers => "llama.block_count",
-        ArchitectureField::NumHeads => "llama.attention.head_count",
-        ArchitectureField::NumKvHeads => "llama.attention.head_count_kv",
-        ArchitectureField::HeadDim => "llama.attention.key_length",
-        ArchitectureField::IntermediateSize => "llama.feed_forward_length",
-        ArchitectureField::VocabSize => "llama.vocab_size",
-        ArchitectureField::ContextLength => "llama.context_length",
+        ArchitectureField::HiddenSize => "embedding_length",
+        ArchitectureField::NumLayers => "block_count",
+        ArchitectureField::NumHeads => "attention.head_count",
+        ArchitectureField::NumKvHeads => "attention.head_count_kv",
+        ArchitectureField::HeadDim => "attention.key_length",
+        ArchitectureField::IntermediateSize => "feed_forward_length",
+        ArchitectureField::VocabSize => "vocab_size",
+        ArchitectureField::ContextLength => "context_length",
     }
 }
 
@@ -380,31 +392,36 @@ fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigErr
     let arch = meta
         .string("general.architecture")?
         .ok_or_else(|| meta.missing("general.architecture"))?;
-    if arch != "llama" {
-        return Err(meta.unsupported(
-            "general.architecture",
-            arch.to_owned(),
-            "supported: llama (Llama, Mistral, SmolLM)",
-        ));
-    }
-    let required = |key: &'static str| -> Result<usize, ConfigError> {
+    let attention_bias = match arch {
+        "llama" => false,
+        "qwen2" => true,
+        other => {
+            return Err(meta.unsupported(
+                "general.architecture",
+                other.to_owned(),
+                "supported: llama (Llama, Mistral, SmolLM), qwen2",
+            ));
+        }
+    };
+    let key = |suffix: &str| format!("{arch}.{suffix}");
+    let required = |key: &str| -> Result<usize, ConfigError> {
         meta.uint(key)?.ok_or_else(|| meta.missing(key))
     };
-    let hidden_size = required("llama.embedding_length")?;
-    let num_layers = required("llama.block_count")?;
-    let intermediate_size = required("llama.feed_forward_length")?;
-    let num_heads = required("llama.attention.head_count")?;
-    let context_length = required("llama.context_length")?;
+    let hidden_size = required(&key("embedding_length"))?;
+    let num_layers = required(&key("block_count"))?;
+    let intermediate_size = required(&key("feed_forward_length"))?;
+    let num_heads = required(&key("attention.head_count"))?;
+    let context_length = required(&key("context_length"))?;
     let num_kv_heads = meta
-        .uint("llama.attention.head_count_kv")?
+        .uint(&key("attention.head_count_kv"))?
         .unwrap_or(num_heads);
-    let head_dim = match meta.uint("llama.attention.key_length")? {
+    let head_dim = match meta.uint(&key("attention.key_length"))? {
         Some(d) => d,
         None => match hidden_size.checked_rem(num_heads) {
             Some(0) => hidden_size / num_heads,
             Some(_) => {
                 return Err(meta.unsupported(
-                    "llama.attention.head_count",
+                    &key("attention.head_count"),
                     num_heads.to_string(),
                     "must divide llama.embedding_length when llama.attention.key_length is absent",
                 ));
@@ -413,34 +430,34 @@ fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigErr
             None => 0,
         },
     };
-    if let Some(v) = meta.uint("llama.attention.value_length")?
+    if let Some(v) = meta.uint(&key("attention.value_length"))?
         && v != head_dim
     {
         return Err(meta.unsupported(
-            "llama.attention.value_length",
+            &key("attention.value_length"),
             v.to_string(),
             "must equal the key length",
         ));
     }
-    if let Some(rope_dims) = meta.uint("llama.rope.dimension_count")?
+    if let Some(rope_dims) = meta.uint(&key("rope.dimension_count"))?
         && rope_dims != head_dim
     {
         return Err(meta.unsupported(
-            "llama.rope.dimension_count",
+            &key("rope.dimension_count"),
             rope_dims.to_string(),
             "supported: llama.attention.key_length, a rotary embedding over the whole head",
         ));
     }
     // Llama 3's scaling comes as the `rope_freqs.weight` tensor, read with the tensors.
-    let rope_scaling = match meta.string("llama.rope.scaling.type")? {
+    let rope_scaling = match meta.string(&key("rope.scaling.type"))? {
         None | Some("none") => None,
         Some("linear") => {
             let factor = meta
-                .float("llama.rope.scaling.factor")?
-                .ok_or_else(|| meta.missing("llama.rope.scaling.factor"))?;
+                .float(&key("rope.scaling.factor"))?
+                .ok_or_else(|| meta.missing(&key("rope.scaling.factor")))?;
             if !(factor.is_finite() && factor > 0.0) {
                 return Err(meta.unsupported(
-                    "llama.rope.scaling.factor",
+                    &key("rope.scaling.factor"),
                     factor.to_string(),
                     "supported: a positive number",
                 ));
@@ -449,32 +466,32 @@ fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigErr
         }
         Some(kind) => {
             return Err(meta.unsupported(
-                "llama.rope.scaling.type",
+                &key("rope.scaling.type"),
                 kind.to_owned(),
                 "supported: none, linear; Llama 3's scaling as rope_freqs.weight",
             ));
         }
     };
-    if let Some(experts) = meta.uint("llama.expert_count")?
+    if let Some(experts) = meta.uint(&key("expert_count"))?
         && experts > 0
     {
         return Err(meta.unsupported(
-            "llama.expert_count",
+            &key("expert_count"),
             experts.to_string(),
             "supported: 0, mixture-of-experts models are not exported",
         ));
     }
-    let rope_theta = meta.float("llama.rope.freq_base")?.unwrap_or(10_000.0);
+    let rope_theta = meta.float(&key("rope.freq_base"))?.unwrap_or(10_000.0);
     let rms_norm_eps = meta
-        .float("llama.attention.layer_norm_rms_epsilon")?
-        .ok_or_else(|| meta.missing("llama.attention.layer_norm_rms_epsilon"))?;
-    let vocab_size = match meta.uint("llama.vocab_size")? {
+        .float(&key("attention.layer_norm_rms_epsilon"))?
+        .ok_or_else(|| meta.missing(&key("attention.layer_norm_rms_epsilon")))?;
+    let vocab_size = match meta.uint(&key("vocab_size"))? {
         Some(v) => v,
         None => index
             .get("tokenizer.ggml.tokens")
             .and_then(Value::as_array)
             .map(|a| a.len())
-            .ok_or_else(|| meta.missing("llama.vocab_size"))?,
+            .ok_or_else(|| meta.missing(&key("vocab_size")))?,
     };
     let token_id = |key| {
         meta.uint(key)
@@ -482,7 +499,7 @@ fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigErr
     };
 
     let architecture = Architecture {
-        family: "llama".to_owned(),
+        family: arch.to_owned(),
         hidden_size,
         num_layers,
         num_heads,
@@ -495,11 +512,11 @@ fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigErr
         tie_word_embeddings: index.tensor("output.weight").is_none(),
         context_length,
         rope_scaling,
-        attention_bias: false,
+        attention_bias,
     };
     architecture
         .validate()
-        .map_err(|e| ConfigError::architecture(path, gguf_key, e))?;
+        .map_err(|e| ConfigError::architecture(path, |f| key(gguf_key_suffix(f)), e))?;
     Ok(ModelConfig {
         architecture,
         dtype: None,
@@ -520,14 +537,14 @@ struct Meta<'a> {
 }
 
 impl Meta<'_> {
-    fn missing(&self, key: &'static str) -> ConfigError {
+    fn missing(&self, key: &str) -> ConfigError {
         ConfigError::Missing {
             path: self.path.to_owned(),
             key: key.to_owned(),
         }
     }
 
-    fn unsupported(&self, key: &'static str, value: String, why: &'static str) -> ConfigError {
+    fn unsupported(&self, key: &str, value: String, why: &'static str) -> ConfigError {
         ConfigError::Unsupported {
             path: self.path.to_owned(),
             key: key.to_owned(),
@@ -536,11 +553,11 @@ impl Meta<'_> {
         }
     }
 
-    fn wrong_type(&self, key: &'static str, value: &Value, expected: &'static str) -> ConfigError {
+    fn wrong_type(&self, key: &str, value: &Value, expected: &'static str) -> ConfigError {
         self.unsupported(key, format!("a {}", value.type_name()), expected)
     }
 
-    fn uint(&self, key: &'static str) -> Result<Option<usize>, ConfigError> {
+    fn uint(&self, key: &str) -> Result<Option<usize>, ConfigError> {
         self.index
             .get(key)
             .map(|v| {
@@ -551,7 +568,7 @@ impl Meta<'_> {
             .transpose()
     }
 
-    fn float(&self, key: &'static str) -> Result<Option<f64>, ConfigError> {
+    fn float(&self, key: &str) -> Result<Option<f64>, ConfigError> {
         self.index
             .get(key)
             .map(|v| {
@@ -561,7 +578,7 @@ impl Meta<'_> {
             .transpose()
     }
 
-    fn string(&self, key: &'static str) -> Result<Option<&str>, ConfigError> {
+    fn string(&self, key: &str) -> Result<Option<&str>, ConfigError> {
         self.index
             .get(key)
             .map(|v| {
