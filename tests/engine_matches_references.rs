@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use marengo::engine::{Engine, EngineOptions};
 use marengo::model::{Logits, Model};
 use marengo::sequence::Sequence;
-use marengo_testkit::exporter::{synth, tokenizer_fixture};
+use marengo_testkit::exporter::{marengo_export, synth, tokenizer_fixture};
 use marengo_testkit::onnxruntime::{OrtGreedy, ort_greedy};
 use marengo_testkit::{Kind, argmax, fixtures, max_abs_diff, repo_root};
 use safetensors::SafeTensors;
@@ -70,8 +70,31 @@ fn golden(name: &'static str) -> Golden {
     }
 }
 
-/// Synthesizes the golden checkpoint and converts it to a bundle of `kind`.
-fn bundle(golden: &Golden, scratch: &Path, kind: Kind) -> PathBuf {
+/// Where a bundle is exported from.
+#[derive(Clone, Copy)]
+enum Source {
+    /// The golden's synthesized HF checkpoint.
+    HfDirectory,
+    /// The committed GGUF of the golden's checkpoint, `tests/fixtures/gguf/<name>.gguf`.
+    Gguf(&'static str),
+}
+
+/// Converts the golden's checkpoint, synthesized, or its GGUF, to a bundle of `kind`.
+fn bundle(golden: &Golden, scratch: &Path, kind: Kind, source: Source) -> PathBuf {
+    let out = scratch.join(kind.to_string());
+    if let Source::Gguf(name) = source {
+        let gguf = fixtures().join(format!("gguf/{name}.gguf"));
+        let mut args = vec![
+            "convert".to_owned(),
+            "--gguf".into(),
+            gguf.display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
+        args.extend(kind.convert_args());
+        marengo_export(args);
+        return out;
+    }
     let checkpoint = scratch.join("checkpoint");
     if !checkpoint.exists() {
         let mut args = golden.synth_args.clone();
@@ -79,7 +102,6 @@ fn bundle(golden: &Golden, scratch: &Path, kind: Kind) -> PathBuf {
         args.push(tokenizer_fixture().display().to_string());
         synth(&golden.config, &checkpoint, &args);
     }
-    let out = scratch.join(kind.to_string());
     kind.convert(&checkpoint, &out);
     out
 }
@@ -119,9 +141,13 @@ fn assert_head_reads_the_last_position(name: &str, bundle: &Path) {
 }
 
 fn f32_bundle_matches_transformers(name: &'static str) {
+    f32_bundle_from_matches_transformers(name, Source::HfDirectory);
+}
+
+fn f32_bundle_from_matches_transformers(name: &'static str, source: Source) {
     let golden = golden(name);
     let scratch = tempfile::tempdir().expect("scratch dir");
-    let bundle = bundle(&golden, scratch.path(), Kind::F32);
+    let bundle = bundle(&golden, scratch.path(), Kind::F32, source);
     assert_head_reads_the_last_position(name, &bundle);
     let engine = load(&bundle);
     let mut session = engine.new_sequence().expect("session");
@@ -167,10 +193,34 @@ fn f32_llama_tied_matches_transformers() {
     f32_bundle_matches_transformers("llama-tied");
 }
 
+#[test]
+fn f32_llama3_scaled_matches_transformers() {
+    f32_bundle_matches_transformers("llama3-scaled");
+}
+
+#[test]
+fn f32_qwen2_bias_matches_transformers() {
+    f32_bundle_matches_transformers("qwen2-bias");
+}
+
+#[test]
+fn f32_qwen2_bias_from_gguf_matches_transformers() {
+    f32_bundle_from_matches_transformers("qwen2-bias", Source::Gguf("qwen2-bias"));
+}
+
+#[test]
+fn f32_llama3_scaled_from_gguf_matches_transformers() {
+    f32_bundle_from_matches_transformers("llama3-scaled", Source::Gguf("llama3-scaled"));
+}
+
 fn fp8_bundle_matches_onnxruntime(name: &'static str, kind: Kind) {
+    fp8_bundle_from_matches_onnxruntime(name, kind, Source::HfDirectory);
+}
+
+fn fp8_bundle_from_matches_onnxruntime(name: &'static str, kind: Kind, source: Source) {
     let golden = golden(name);
     let scratch = tempfile::tempdir().expect("scratch dir");
-    let bundle = bundle(&golden, scratch.path(), kind);
+    let bundle = bundle(&golden, scratch.path(), kind, source);
     let steps = golden.greedy.len();
     let OrtGreedy {
         tokens: ort_greedy,
@@ -209,4 +259,21 @@ fn fp8_blocked_mistral_gqa_matches_onnxruntime() {
 #[test]
 fn fp8_llama_tied_matches_onnxruntime() {
     fp8_bundle_matches_onnxruntime("llama-tied", Kind::Fp8);
+}
+
+#[test]
+fn fp8_llama3_scaled_matches_onnxruntime() {
+    fp8_bundle_matches_onnxruntime("llama3-scaled", Kind::Fp8);
+}
+
+/// The FP8 rewrite and the merge of the products sharing an input keep each bias on its own
+/// projection's output.
+#[test]
+fn fp8_qwen2_bias_matches_onnxruntime() {
+    fp8_bundle_matches_onnxruntime("qwen2-bias", Kind::Fp8);
+}
+
+#[test]
+fn fp8_llama3_scaled_from_gguf_matches_onnxruntime() {
+    fp8_bundle_from_matches_onnxruntime("llama3-scaled", Kind::Fp8, Source::Gguf("llama3-scaled"));
 }

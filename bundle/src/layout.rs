@@ -14,6 +14,8 @@ pub enum Role {
     Linear,
     /// `[hidden]` RMSNorm gain.
     Norm,
+    /// `[out_features]` added after a linear layer's product; stored f32 like a norm.
+    Bias,
 }
 
 /// One tensor the checkpoint must contain.
@@ -48,6 +50,14 @@ pub const HEAD_RESIDUAL_SUFFIX: &str = ".residual";
 pub fn layer_tensor(layer: usize, module: &str) -> String {
     format!("model.layers.{layer}.{module}.weight")
 }
+
+/// HF name of the bias of layer `layer`'s `module`, e.g. `layer_bias(3, "self_attn.q_proj")`.
+pub fn layer_bias(layer: usize, module: &str) -> String {
+    format!("model.layers.{layer}.{module}.bias")
+}
+
+/// The projections that carry a bias when `Architecture::attention_bias` is set.
+pub const BIASED_MODULES: [&str; 3] = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"];
 
 /// The per-layer modules, in the order HF stores them.
 pub const LAYER_MODULES: [&str; 9] = [
@@ -90,6 +100,13 @@ pub fn expected_tensors(arch: &Architecture) -> Vec<ExpectedTensor> {
                 "mlp.gate_proj" | "mlp.up_proj" => (vec![m, h], Role::Linear),
                 _ => (vec![h, m], Role::Linear),
             };
+            if arch.attention_bias && BIASED_MODULES.contains(&module) {
+                out.push(ExpectedTensor {
+                    name: layer_bias(layer, module),
+                    shape: vec![shape[0]],
+                    role: Role::Bias,
+                });
+            }
             out.push(ExpectedTensor {
                 name: layer_tensor(layer, module),
                 shape,
@@ -133,8 +150,8 @@ pub struct Scaled {
 pub struct StoredWeight {
     /// The checkpoint tensor it is made from.
     pub source: ExpectedTensor,
-    /// The tensor itself, under the same name: f32 for a norm, the quantization's dtype
-    /// otherwise.
+    /// The tensor itself, under the same name: f32 for a norm or a bias, the quantization's
+    /// dtype otherwise.
     pub stored: Scaled,
     /// The head's FP8 rounding error (`{name}.residual`) when the quantization asks for it.
     pub residual: Option<Scaled>,
@@ -225,7 +242,7 @@ pub fn stored_tensors(
     let head = head_tensor(arch);
     let mut weights = Vec::new();
     for source in expected_tensors(arch) {
-        let (stored, residual) = if source.role == Role::Norm {
+        let (stored, residual) = if matches!(source.role, Role::Norm | Role::Bias) {
             let norm = StoredTensor {
                 name: source.name.clone(),
                 dtype: TensorDtype::F32,

@@ -46,7 +46,7 @@ pub struct Manifest {
 /// The network's shape: what the graph was built for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Architecture {
-    /// `mistral` or `llama`: the two share one graph, the name is for people.
+    /// `mistral`, `llama` or `qwen2`: they share one graph, the name is for people.
     pub family: String,
     pub hidden_size: usize,
     pub num_layers: usize,
@@ -60,6 +60,35 @@ pub struct Architecture {
     pub tie_word_embeddings: bool,
     /// Longest sequence (prompt + generated) the graph's rotary caches cover.
     pub context_length: usize,
+    /// The rescaling of the rotary frequencies the caches were computed with; absent for the
+    /// plain `θ^(−2j/head_dim)`. Recorded for people and provenance: the graph only ever sees
+    /// the caches, so a scaled model is the same standard ONNX as any other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+    /// The q, k and v projections add a bias (Qwen2), stored f32 next to their weights
+    /// ([`layer_bias`](crate::layout::layer_bias)) and added after the product.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attention_bias: bool,
+}
+
+/// How a long-context model rescales its rotary frequencies `θ^(−2j/head_dim)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RopeScaling {
+    /// Every frequency divided by `factor` (position interpolation).
+    Linear { factor: f64 },
+    /// Llama 3.1's: wavelengths shorter than `original_max_position_embeddings /
+    /// high_freq_factor` are kept, longer than `original_max_position_embeddings /
+    /// low_freq_factor` are divided by `factor`, and those between are interpolated.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+    /// One divisor per frequency, as GGUF files store Llama 3's scaling (`rope_freqs.weight`,
+    /// precomputed by llama.cpp's converter).
+    Divisors { divisors: Vec<f64> },
 }
 
 /// How the linear layers, the embedding and the LM head are stored.

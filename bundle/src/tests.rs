@@ -23,6 +23,8 @@ fn write_bundle(edit: impl FnOnce(&mut Manifest)) -> tempfile::TempDir {
         rms_norm_eps: 1e-5,
         tie_word_embeddings: true,
         context_length: 6,
+        rope_scaling: None,
+        attention_bias: false,
     };
     let mut tensors = Vec::new();
     let mut offset = 0u64;

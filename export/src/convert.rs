@@ -244,7 +244,7 @@ fn write_weight(
         });
     }
     let stored = &weight.stored.tensor;
-    if want.role == Role::Norm {
+    if matches!(want.role, Role::Norm | Role::Bias) {
         let data = quant::norm_to_f32(name, tensor.dtype, &tensor.bytes)?;
         writer.add_tensor(name, stored.dtype, &stored.shape, &data, None, None)?;
         return Ok(tensor.bytes.len() as u64);

@@ -15,10 +15,10 @@ use marengo_bundle::graph::{
     TRANSPOSE_PERM, past_name, present_name,
 };
 use marengo_bundle::layout::{
-    EMBEDDING, FINAL_NORM, HEAD_RESIDUAL_SUFFIX, ROPE_COS, ROPE_SIN, SCALE_SUFFIX, head_tensor,
-    layer_tensor,
+    BIASED_MODULES, EMBEDDING, FINAL_NORM, HEAD_RESIDUAL_SUFFIX, ROPE_COS, ROPE_SIN, SCALE_SUFFIX,
+    head_tensor, layer_bias, layer_tensor,
 };
-use marengo_bundle::manifest::{Architecture, TensorDtype, TensorEntry, WEIGHTS_FILE};
+use marengo_bundle::manifest::{Architecture, RopeScaling, TensorDtype, TensorEntry, WEIGHTS_FILE};
 use marengo_bundle::onnx::{
     AttributeProto, DataType, Dim, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
     TensorProto, ValueInfoProto,
@@ -47,9 +47,22 @@ pub fn build(
         let p = format!("layers.{layer}");
         let gain = g.tensor(&layer_tensor(layer, "input_layernorm"))?;
         let normed = g.rms_norm(&format!("{p}.input_norm"), &hidden, &gain, eps);
-        let q = g.linear(&normed, &layer_tensor(layer, "self_attn.q_proj"))?;
-        let k = g.linear(&normed, &layer_tensor(layer, "self_attn.k_proj"))?;
-        let v = g.linear(&normed, &layer_tensor(layer, "self_attn.v_proj"))?;
+        let mut qkv = Vec::with_capacity(BIASED_MODULES.len());
+        for module in BIASED_MODULES {
+            let product = g.linear(&normed, &layer_tensor(layer, module))?;
+            qkv.push(if arch.attention_bias {
+                let bias = g.tensor(&layer_bias(layer, module))?;
+                g.node(
+                    ADD,
+                    &format!("model.layers.{layer}.{module}.biased"),
+                    &[&product, &bias],
+                    vec![],
+                )
+            } else {
+                product
+            });
+        }
+        let [q, k, v]: [String; 3] = qkv.try_into().expect("three projections");
         let rope = |g: &mut Builder, x: &str, heads: usize, what: &str| {
             g.node(
                 "RotaryEmbedding",
@@ -327,7 +340,8 @@ impl Builder<'_> {
 }
 
 /// Rotary caches `[context_length, head_dim / 2]`: cos and sin of `position · θ^(−2j/head_dim)`,
-/// HuggingFace's non-interleaved (`rotate_half`) convention. Computed in f64, stored as f32.
+/// HuggingFace's non-interleaved (`rotate_half`) convention, with the architecture's rope
+/// scaling folded into the frequencies. Computed in f64, stored as f32.
 pub fn rope_caches(arch: &Architecture) -> (Vec<f32>, Vec<f32>) {
     let half = arch.head_dim / 2;
     let inv_freq: Vec<f64> = (0..half)
@@ -336,6 +350,10 @@ pub fn rope_caches(arch: &Architecture) -> (Vec<f32>, Vec<f32>) {
                 .powf(-((2 * j) as f64) / arch.head_dim as f64)
         })
         .collect();
+    let inv_freq = match &arch.rope_scaling {
+        None => inv_freq,
+        Some(scaling) => scaled_frequencies(scaling, &inv_freq),
+    };
     let mut cos = Vec::with_capacity(arch.context_length * half);
     let mut sin = Vec::with_capacity(arch.context_length * half);
     for position in 0..arch.context_length {
@@ -346,4 +364,89 @@ pub fn rope_caches(arch: &Architecture) -> (Vec<f32>, Vec<f32>) {
         }
     }
     (cos, sin)
+}
+
+/// The rotary frequencies after `scaling`, as transformers' `ROPE_INIT_FUNCTIONS` compute
+/// them (`linear`, `llama3`) and llama.cpp applies `rope_freqs.weight` (a divisor each).
+pub fn scaled_frequencies(scaling: &RopeScaling, inv_freq: &[f64]) -> Vec<f64> {
+    match scaling {
+        RopeScaling::Linear { factor } => inv_freq.iter().map(|f| f / factor).collect(),
+        RopeScaling::Divisors { divisors } => {
+            inv_freq.iter().zip(divisors).map(|(f, d)| f / d).collect()
+        }
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            let original = *original_max_position_embeddings as f64;
+            let low_freq_wavelen = original / low_freq_factor;
+            let high_freq_wavelen = original / high_freq_factor;
+            inv_freq
+                .iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_freq_wavelen {
+                        f
+                    } else if wavelen > low_freq_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (original / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// llama.cpp's converter writes Llama 3's scaling as one divisor per frequency
+    /// (`rope_freqs.weight`, from `generate_extra_tensors`: 1, `factor`, or
+    /// `1 / ((1 − smooth) / factor + smooth)`); a GGUF model then rotates by the same angles
+    /// as its HF directory.
+    #[test]
+    fn gguf_divisors_give_llama3_frequencies() {
+        let (factor, low, high, original) = (8.0, 1.0, 4.0, 8192.0);
+        let inv_freq: Vec<f64> = (0..64)
+            .map(|j| 500_000f64.powf(-(j as f64) / 64.0))
+            .collect();
+        let divisors = inv_freq
+            .iter()
+            .map(|f| {
+                let wavelen = 2.0 * std::f64::consts::PI / f;
+                if wavelen < original / high {
+                    1.0
+                } else if wavelen > original / low {
+                    factor
+                } else {
+                    let smooth = (original / wavelen - low) / (high - low);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                }
+            })
+            .collect();
+        let llama3 = scaled_frequencies(
+            &RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: original as usize,
+            },
+            &inv_freq,
+        );
+        let gguf = scaled_frequencies(&RopeScaling::Divisors { divisors }, &inv_freq);
+        let kept = inv_freq.iter().zip(&llama3).filter(|(a, b)| a == b).count();
+        assert!(
+            kept > 0 && kept < inv_freq.len(),
+            "all three branches are met"
+        );
+        for (a, b) in llama3.iter().zip(&gguf) {
+            assert!((a - b).abs() <= 1e-12 * a.abs(), "{a} != {b}");
+        }
+    }
 }

@@ -39,6 +39,9 @@ pub fn inspect(dir: &Path, verify: bool, out: &mut dyn Write) -> Result<(), Insp
         "              rope_theta {}, rms_norm_eps {}, tied embeddings {}, context {}",
         a.rope_theta, a.rms_norm_eps, a.tie_word_embeddings, a.context_length
     )?;
+    if let Some(scaling) = &a.rope_scaling {
+        writeln!(out, "              rope scaling {scaling:?}")?;
+    }
     let block = m
         .quantization
         .block_size

@@ -170,6 +170,7 @@ fn random_values(tensor: &ExpectedTensor, dtype: SourceDtype, seed: u64) -> Vec<
     let (scale, offset) = match tensor.role {
         Role::Embedding => (0.5f32, 0.0f32),
         Role::Norm => (0.1, 1.0),
+        Role::Bias => (0.5, 0.0),
         Role::Linear => {
             let in_features = tensor.shape.last().copied().unwrap_or(1) as f32;
             (1.0 / in_features.sqrt(), 0.0)

@@ -125,11 +125,11 @@ fn a_missing_tensor_is_named() {
 fn an_unsupported_architecture_is_named() {
     let (checkpoint, bundle) = mistral("unsupported_architecture");
     edit_config(&checkpoint, |c| {
-        c["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+        c["architectures"] = serde_json::json!(["Phi3ForCausalLM"]);
     });
     let err = convert_fails(&checkpoint, &bundle, &[]);
     assert!(
-        err.contains("config.json") && err.contains("Qwen2ForCausalLM"),
+        err.contains("config.json") && err.contains("Phi3ForCausalLM"),
         "{err}"
     );
 }
@@ -209,6 +209,54 @@ fn scaled_rope_is_refused_by_key() {
         err.contains("rope_scaling") && err.contains("yarn"),
         "{err}"
     );
+}
+
+/// Each refusal of what the graph cannot compute names the key, the value found and what is
+/// supported, so that the user knows whether another checkpoint or another option would do.
+#[test]
+fn unsupported_settings_name_the_key_the_value_and_what_is_supported() {
+    let (checkpoint, bundle) = mistral("unsupported_settings");
+    let original = std::fs::read_to_string(checkpoint.join("config.json")).unwrap();
+    let cases: [(&str, serde_json::Value, &[&str]); 5] = [
+        (
+            "architectures",
+            serde_json::json!(["GPT2LMHeadModel"]),
+            &[
+                "`architectures`",
+                "GPT2LMHeadModel",
+                "MistralForCausalLM",
+                "LlamaForCausalLM",
+            ],
+        ),
+        (
+            "hidden_act",
+            "gelu".into(),
+            &["`hidden_act`", "gelu", "supported: silu"],
+        ),
+        (
+            "attention_bias",
+            true.into(),
+            &["`attention_bias`", "true", "supported: false"],
+        ),
+        (
+            "mlp_bias",
+            true.into(),
+            &["`mlp_bias`", "true", "supported: false"],
+        ),
+        (
+            "rope_scaling",
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+            &["`rope_scaling.rope_type`", "yarn", "supported: default"],
+        ),
+    ];
+    for (key, value, wanted) in cases {
+        std::fs::write(checkpoint.join("config.json"), &original).unwrap();
+        edit_config(&checkpoint, |c| c[key] = value);
+        let err = convert_fails(&checkpoint, &bundle, &[]);
+        for w in wanted {
+            assert!(err.contains(w), "{key}: {w:?} not in {err}");
+        }
+    }
 }
 
 #[test]

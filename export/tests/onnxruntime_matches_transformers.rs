@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
-use marengo_testkit::exporter::{convert, synth, tokenizer_fixture};
+use marengo_testkit::exporter::{convert, marengo_export, synth, tokenizer_fixture};
 use marengo_testkit::files::sha256_file;
 use marengo_testkit::onnxruntime::{python_script, read_f32_le};
 use marengo_testkit::repo_root;
@@ -150,14 +150,44 @@ struct Comparison {
     greedy_common_prefix: usize,
 }
 
+/// Where a test's bundle is exported from.
+#[derive(Clone, Copy)]
+enum Source {
+    /// The golden's synthesized HF checkpoint.
+    HfDirectory,
+    /// The committed GGUF `tests/fixtures/gguf/<name>.gguf`, written from that checkpoint by
+    /// gguf-py the way llama.cpp's converter writes it (make_tiny_ggufs.py).
+    Gguf,
+}
+
 fn f32_bundle_matches_transformers(name: &str) {
+    f32_bundle_from_matches_transformers(name, Source::HfDirectory);
+}
+
+fn f32_bundle_from_matches_transformers(name: &str, source: Source) {
     let golden = Golden::load(name);
     let dir = work_dir(&format!("ort-f32-{name}"));
     let work = dir.path();
-    let checkpoint = work.join("checkpoint");
     let bundle = work.join("bundle-f32");
-    golden.synthesize(&checkpoint);
-    convert(&checkpoint, &bundle, &["--dtype", "f32"]);
+    match source {
+        Source::HfDirectory => {
+            let checkpoint = work.join("checkpoint");
+            golden.synthesize(&checkpoint);
+            convert(&checkpoint, &bundle, &["--dtype", "f32"]);
+        }
+        Source::Gguf => {
+            let gguf = repo_root().join(format!("tests/fixtures/gguf/{name}.gguf"));
+            marengo_export([
+                "convert".as_ref(),
+                "--gguf".as_ref(),
+                gguf.as_os_str(),
+                "--out".as_ref(),
+                bundle.as_os_str(),
+                "--dtype".as_ref(),
+                "f32".as_ref(),
+            ]);
+        }
+    }
 
     let logits_file = work.join("prompt-logits.f32");
     let greedy_logits_file = work.join("greedy-logits.f32");
@@ -290,6 +320,31 @@ fn mistral_gqa_f32_bundle_matches_transformers() {
 #[test]
 fn llama_tied_f32_bundle_matches_transformers() {
     f32_bundle_matches_transformers("llama-tied");
+}
+
+/// Llama 3.1's rope scaling, folded into the rotary caches, computes what transformers does.
+#[test]
+fn llama3_scaled_f32_bundle_matches_transformers() {
+    f32_bundle_matches_transformers("llama3-scaled");
+}
+
+/// Qwen2's q/k/v biases, added after the products, compute what transformers does.
+#[test]
+fn qwen2_bias_f32_bundle_matches_transformers() {
+    f32_bundle_matches_transformers("qwen2-bias");
+}
+
+/// The same model from a GGUF: q/k rows unpermuted, the scaling read from `rope_freqs.weight`,
+/// the head tied to the embedding.
+#[test]
+fn llama3_scaled_gguf_f32_bundle_matches_transformers() {
+    f32_bundle_from_matches_transformers("llama3-scaled", Source::Gguf);
+}
+
+/// Qwen2 from a GGUF: biases mapped, q/k rows as HF has them (no llama.cpp permutation).
+#[test]
+fn qwen2_bias_gguf_f32_bundle_matches_transformers() {
+    f32_bundle_from_matches_transformers("qwen2-bias", Source::Gguf);
 }
 
 // FP8 bounds. KL is KL(f32 ‖ FP8) in nats over 31 teacher-forced positions (the prompt and the

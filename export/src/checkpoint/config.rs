@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use marengo_bundle::architecture::{ArchitectureError, ArchitectureField, ArchitectureRule};
-use marengo_bundle::manifest::Architecture;
+use marengo_bundle::manifest::{Architecture, RopeScaling};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -28,15 +28,16 @@ pub enum ConfigError {
         source: serde_json::Error,
     },
     #[error(
-        "{path}: unsupported architecture {found:?} (supported: MistralForCausalLM, LlamaForCausalLM)"
+        "{path}: key `architectures` = {found:?} is not supported (supported: {SUPPORTED_ARCHITECTURES})"
     )]
     UnsupportedArchitecture { path: PathBuf, found: String },
     #[error("{path}: key `{key}` is missing")]
-    Missing { path: PathBuf, key: &'static str },
-    #[error("{path}: key `{key}` = {value} is not supported: {why}")]
+    Missing { path: PathBuf, key: String },
+    /// `why` says what is supported instead.
+    #[error("{path}: key `{key}` = {value} is not supported ({why})")]
     Unsupported {
         path: PathBuf,
-        key: &'static str,
+        key: String,
         value: String,
         why: &'static str,
     },
@@ -44,7 +45,7 @@ pub enum ConfigError {
     #[error("{path}: key `{key}` = {value} is not supported: {rule}")]
     Architecture {
         path: PathBuf,
-        key: &'static str,
+        key: String,
         value: usize,
         rule: ArchitectureRule,
     },
@@ -54,7 +55,7 @@ impl ConfigError {
     /// `error` told with the key `key_of` gives the field in the file at `path`.
     pub fn architecture(
         path: &Path,
-        key_of: fn(ArchitectureField) -> &'static str,
+        key_of: impl Fn(ArchitectureField) -> String,
         error: ArchitectureError,
     ) -> Self {
         ConfigError::Architecture {
@@ -65,6 +66,9 @@ impl ConfigError {
         }
     }
 }
+
+/// The `architectures` the graph computes faithfully, as the refusal lists them.
+pub const SUPPORTED_ARCHITECTURES: &str = "MistralForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM";
 
 /// The `config.json` key of an architecture field.
 fn config_key(field: ArchitectureField) -> &'static str {
@@ -94,7 +98,7 @@ struct RawConfig {
     intermediate_size: Option<usize>,
     vocab_size: Option<usize>,
     rope_theta: Option<f64>,
-    rope_parameters: Option<RopeParameters>,
+    rope_parameters: Option<Value>,
     rope_scaling: Option<Value>,
     rms_norm_eps: Option<f64>,
     tie_word_embeddings: Option<bool>,
@@ -102,6 +106,7 @@ struct RawConfig {
     dtype: Option<String>,
     max_position_embeddings: Option<usize>,
     sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
     hidden_act: Option<String>,
     #[serde(default)]
     attention_bias: bool,
@@ -110,13 +115,6 @@ struct RawConfig {
     bos_token_id: Option<u32>,
     eos_token_id: Option<TokenIds>,
     pad_token_id: Option<u32>,
-}
-
-/// transformers-5 groups rope settings; `rope_type` "default" is the only one the graph does.
-#[derive(Debug, Deserialize)]
-struct RopeParameters {
-    rope_type: Option<String>,
-    rope_theta: Option<f64>,
 }
 
 /// `eos_token_id` is an int in older configs and a list in newer ones.
@@ -168,13 +166,13 @@ impl ModelConfig {
             path: path.to_owned(),
             source,
         })?;
-        let missing = |key| ConfigError::Missing {
+        let missing = |key: &str| ConfigError::Missing {
             path: path.to_owned(),
-            key,
+            key: key.to_owned(),
         };
-        let unsupported = |key, value: String, why| ConfigError::Unsupported {
+        let unsupported = |key: &str, value: String, why| ConfigError::Unsupported {
             path: path.to_owned(),
-            key,
+            key: key.to_owned(),
             value,
             why,
         };
@@ -182,6 +180,7 @@ impl ModelConfig {
         let family = match raw.architectures.first().map(String::as_str) {
             Some("MistralForCausalLM") => "mistral",
             Some("LlamaForCausalLM") => "llama",
+            Some("Qwen2ForCausalLM") => "qwen2",
             other => {
                 return Err(ConfigError::UnsupportedArchitecture {
                     path: path.to_owned(),
@@ -222,60 +221,59 @@ impl ModelConfig {
             },
         };
 
-        let rope_theta = match (&raw.rope_parameters, raw.rope_theta) {
-            (Some(params), top_level) => {
-                if let Some(kind) = params.rope_type.as_deref()
-                    && kind != "default"
-                {
-                    return Err(unsupported(
-                        "rope_parameters.rope_type",
-                        kind.to_owned(),
-                        "only the default rotary embedding is exported",
-                    ));
-                }
+        // transformers 5 groups θ and the scaling in `rope_parameters`; transformers 4 has a
+        // top-level `rope_theta` and an optional `rope_scaling`.
+        let (rope_theta, rope_scaling) = match (&raw.rope_parameters, &raw.rope_scaling) {
+            (Some(params), _) => (
                 params
-                    .rope_theta
-                    .or(top_level)
-                    .ok_or_else(|| missing("rope_parameters.rope_theta"))?
-            }
-            (None, Some(theta)) => theta,
-            (None, None) => 10_000.0,
+                    .get("rope_theta")
+                    .and_then(Value::as_f64)
+                    .or(raw.rope_theta)
+                    .ok_or_else(|| missing("rope_parameters.rope_theta"))?,
+                rope_scaling(path, "rope_parameters", params)?,
+            ),
+            (None, Some(scaling)) if !scaling.is_null() => (
+                raw.rope_theta.unwrap_or(10_000.0),
+                rope_scaling(path, "rope_scaling", scaling)?,
+            ),
+            (None, _) => (raw.rope_theta.unwrap_or(10_000.0), None),
         };
-        if let Some(scaling) = raw.rope_scaling.as_ref().filter(|v| !v.is_null()) {
-            let default = scaling
-                .get("rope_type")
-                .or_else(|| scaling.get("type"))
-                .and_then(Value::as_str)
-                == Some("default");
-            if !default {
-                return Err(unsupported(
-                    "rope_scaling",
-                    scaling.to_string(),
-                    "only the default rotary embedding is exported",
-                ));
-            }
-        }
         if let Some(act) = raw.hidden_act.as_deref()
             && act != "silu"
         {
             return Err(unsupported(
                 "hidden_act",
                 act.to_owned(),
-                "the MLP is exported as SiLU-gated",
+                "supported: silu (the MLP is exported as SiLU-gated)",
             ));
         }
+        // Qwen2 always adds a bias to q, k and v; Llama's `attention_bias` adds one to the
+        // output projection too, which the graph does not.
+        let attention_bias = family == "qwen2";
         if raw.attention_bias {
             return Err(unsupported(
                 "attention_bias",
                 "true".into(),
-                "projections are exported without bias",
+                "supported: false; q/k/v biases with Qwen2ForCausalLM",
             ));
         }
+        // Qwen2 configs name a window they do not use unless `use_sliding_window` is set.
+        let sliding_window = match (family, raw.use_sliding_window) {
+            ("qwen2", Some(true)) => {
+                return Err(unsupported(
+                    "use_sliding_window",
+                    "true".into(),
+                    "supported: false, full attention in every layer",
+                ));
+            }
+            ("qwen2", _) => None,
+            _ => raw.sliding_window,
+        };
         if raw.mlp_bias {
             return Err(unsupported(
                 "mlp_bias",
                 "true".into(),
-                "projections are exported without bias",
+                "supported: false (the MLP projections are exported without bias)",
             ));
         }
         let dtype = match raw.dtype.as_deref().or(raw.torch_dtype.as_deref()) {
@@ -284,7 +282,7 @@ impl ModelConfig {
                 unsupported(
                     "torch_dtype",
                     name.to_owned(),
-                    "weights must be bfloat16, float16 or float32",
+                    "supported: bfloat16, float16, float32",
                 )
             })?),
         };
@@ -302,20 +300,88 @@ impl ModelConfig {
             rms_norm_eps,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             context_length: max_position_embeddings,
+            rope_scaling,
+            attention_bias,
         };
         architecture
             .validate()
-            .map_err(|e| ConfigError::architecture(path, config_key, e))?;
+            .map_err(|e| ConfigError::architecture(path, |f| config_key(f).to_owned(), e))?;
         Ok(ModelConfig {
             architecture,
             dtype,
             max_position_embeddings,
-            sliding_window: raw.sliding_window,
+            sliding_window,
             bos_token_id: raw.bos_token_id,
             eos_token_ids: raw.eos_token_id.map(|ids| ids.to_vec()).unwrap_or_default(),
             pad_token_id: raw.pad_token_id,
         })
     }
+}
+
+/// The rope types the exporter folds into the rotary caches, as the refusal lists them.
+pub const SUPPORTED_ROPE_TYPES: &str = "supported: default, linear, llama3";
+
+/// The scaling a `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5) object
+/// describes, `None` for the default rotary embedding; `key` is the object's, for errors.
+fn rope_scaling(
+    path: &Path,
+    key: &str,
+    object: &Value,
+) -> Result<Option<RopeScaling>, ConfigError> {
+    let kind = object
+        .get("rope_type")
+        .or_else(|| object.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let number = |field: &str| -> Result<f64, ConfigError> {
+        let value = object.get(field).ok_or_else(|| ConfigError::Missing {
+            path: path.to_owned(),
+            key: format!("{key}.{field}"),
+        })?;
+        value
+            .as_f64()
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .ok_or_else(|| ConfigError::Unsupported {
+                path: path.to_owned(),
+                key: format!("{key}.{field}"),
+                value: value.to_string(),
+                why: "supported: a positive number",
+            })
+    };
+    let scaling = match kind {
+        "default" => return Ok(None),
+        "linear" => RopeScaling::Linear {
+            factor: number("factor")?,
+        },
+        "llama3" => {
+            let low_freq_factor = number("low_freq_factor")?;
+            let high_freq_factor = number("high_freq_factor")?;
+            if high_freq_factor <= low_freq_factor {
+                return Err(ConfigError::Unsupported {
+                    path: path.to_owned(),
+                    key: format!("{key}.high_freq_factor"),
+                    value: high_freq_factor.to_string(),
+                    why: "supported: a value above low_freq_factor",
+                });
+            }
+            RopeScaling::Llama3 {
+                factor: number("factor")?,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: number("original_max_position_embeddings")?
+                    as usize,
+            }
+        }
+        other => {
+            return Err(ConfigError::Unsupported {
+                path: path.to_owned(),
+                key: format!("{key}.rope_type"),
+                value: other.to_owned(),
+                why: SUPPORTED_ROPE_TYPES,
+            });
+        }
+    };
+    Ok(Some(scaling))
 }
 
 #[cfg(test)]
@@ -361,14 +427,67 @@ mod tests {
     }
 
     #[test]
-    fn scaled_rope_is_refused_by_key() {
+    fn an_unknown_rope_type_is_refused_by_key() {
         let err = parse(
             r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"num_hidden_layers":2,
             "num_attention_heads":4,"intermediate_size":96,"vocab_size":100,"rms_norm_eps":1e-6,
-            "max_position_embeddings":2048,"rope_scaling":{"rope_type":"llama3","factor":8.0}}"#,
+            "max_position_embeddings":2048,"rope_scaling":{"rope_type":"yarn","factor":8.0}}"#,
         )
-        .unwrap_err();
-        assert!(err.to_string().contains("rope_scaling"), "{err}");
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`rope_scaling.rope_type` = yarn") && err.contains("llama3"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn llama3_rope_scaling_is_read_in_both_styles() {
+        let head = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,
+            "num_hidden_layers":2,"num_attention_heads":4,"intermediate_size":96,
+            "vocab_size":100,"rms_norm_eps":1e-6,"max_position_embeddings":131072,"#;
+        let llama3 = r#""factor":32.0,"low_freq_factor":1.0,"high_freq_factor":4.0,
+            "original_max_position_embeddings":8192"#;
+        let v4 = parse(&format!(
+            r#"{head}"rope_theta":500000.0,"rope_scaling":{{"rope_type":"llama3",{llama3}}}}}"#
+        ))
+        .unwrap();
+        let v5 = parse(&format!(
+            r#"{head}"rope_parameters":{{"rope_type":"llama3","rope_theta":500000.0,{llama3}}}}}"#
+        ))
+        .unwrap();
+        let expected = Some(RopeScaling::Llama3 {
+            factor: 32.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        });
+        assert_eq!(v4.architecture.rope_scaling, expected);
+        assert_eq!(v5.architecture.rope_scaling, expected);
+        assert_eq!(v5.architecture.rope_theta, 500000.0);
+
+        let err = parse(&format!(
+            r#"{head}"rope_scaling":{{"rope_type":"llama3","factor":32.0}}}}"#
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`rope_scaling.low_freq_factor`"), "{err}");
+    }
+
+    #[test]
+    fn qwen2_has_qkv_biases_and_ignores_an_unused_window() {
+        let qwen2 = r#"{"architectures":["Qwen2ForCausalLM"],"hidden_size":64,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+            "intermediate_size":96,"vocab_size":100,"rms_norm_eps":1e-6,"rope_theta":1e6,
+            "max_position_embeddings":32768,"sliding_window":4096,"#;
+        let cfg = parse(&format!(r#"{qwen2}"use_sliding_window":false}}"#)).unwrap();
+        assert_eq!(cfg.architecture.family, "qwen2");
+        assert!(cfg.architecture.attention_bias);
+        assert_eq!(cfg.sliding_window, None);
+        let err = parse(&format!(r#"{qwen2}"use_sliding_window":true}}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`use_sliding_window` = true"), "{err}");
     }
 
     #[test]

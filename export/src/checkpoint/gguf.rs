@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use marengo_bundle::architecture::ArchitectureField;
-use marengo_bundle::manifest::Architecture;
+use marengo_bundle::manifest::{Architecture, RopeScaling};
 use sha2::{Digest, Sha256};
 
 use super::{
@@ -37,6 +37,14 @@ pub enum GgufSourceError {
     },
     #[error("{path}: tensor {tensor:?} has no HuggingFace counterpart in a llama model")]
     UnexpectedTensor { path: PathBuf, tensor: String },
+    #[error(
+        "{path}: tensor {tensor:?} is a bias, which `general.architecture` = {architecture} does not have (supported: weights only)"
+    )]
+    UnexpectedBias {
+        path: PathBuf,
+        tensor: String,
+        architecture: String,
+    },
     #[error("{path}: tensor {tensor:?} has shape {found:?}, the metadata implies {expected:?}")]
     Shape {
         path: PathBuf,
@@ -75,7 +83,10 @@ impl GgufCheckpoint {
     /// Maps `path`, validates its metadata and tensor shapes, and rebuilds its tokenizer.
     pub fn open(path: &Path) -> Result<Self, GgufSourceError> {
         let file = GgufFile::open(path)?;
-        let config = model_config(path, file.index())?;
+        let mut config = model_config(path, file.index())?;
+        if let Some(divisors) = rope_divisors(path, &file, &config.architecture)? {
+            config.architecture.rope_scaling = Some(RopeScaling::Divisors { divisors });
+        }
         let tensors = map_tensors(path, file.index(), &config.architecture)?;
         let tokenizer = GgufTokenizer::from_metadata(&file.index().metadata).map_err(|source| {
             GgufSourceError::Tokenizer {
@@ -209,6 +220,40 @@ impl CheckpointSource for GgufCheckpoint {
     }
 }
 
+/// llama.cpp's tensor of per-frequency rotary divisors, Llama 3's rope scaling precomputed.
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// The divisors of [`ROPE_FREQS`], one per rotary frequency, when the file has them.
+fn rope_divisors(
+    path: &Path,
+    file: &GgufFile,
+    arch: &Architecture,
+) -> Result<Option<Vec<f64>>, GgufSourceError> {
+    let Some(info) = file.index().tensor(ROPE_FREQS) else {
+        return Ok(None);
+    };
+    let expected = vec![arch.head_dim / 2];
+    if info.shape() != expected {
+        return Err(GgufSourceError::Shape {
+            path: path.to_owned(),
+            tensor: ROPE_FREQS.to_owned(),
+            found: info.shape(),
+            expected,
+        });
+    }
+    let divisors: Vec<f64> = file.dequantize(info)?.into_iter().map(f64::from).collect();
+    if let Some(bad) = divisors.iter().find(|d| !(d.is_finite() && **d > 0.0)) {
+        return Err(ConfigError::Unsupported {
+            path: path.to_owned(),
+            key: ROPE_FREQS.to_owned(),
+            value: format!("a divisor of {bad}"),
+            why: "supported: positive divisors",
+        }
+        .into());
+    }
+    Ok(Some(divisors))
+}
+
 /// Puts back the rows llama.cpp interleaved: `data` is `heads` groups of `d` rows of
 /// `row_bytes` each; GGUF row `2j + h` of a group becomes row `h·(d/2) + j`.
 pub fn unpermute_rows(data: &[u8], row_bytes: usize, heads: usize) -> Vec<u8> {
@@ -228,8 +273,8 @@ pub fn unpermute_rows(data: &[u8], row_bytes: usize, heads: usize) -> Vec<u8> {
     out
 }
 
-/// The HF name and unpermutation of a llama GGUF tensor name, or `None` for names a llama model
-/// does not have.
+/// The HF name and unpermutation of a `llama` or `qwen2` GGUF tensor name, or `None` for names
+/// such a model does not have.
 fn hf_name(gguf: &str, arch: &Architecture) -> Option<(String, Option<usize>)> {
     let global = match gguf {
         "token_embd.weight" => Some(hf_layout::EMBEDDING),
@@ -243,10 +288,22 @@ fn hf_name(gguf: &str, arch: &Architecture) -> Option<(String, Option<usize>)> {
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, module) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
+    if let Some(module) = module.strip_suffix(".bias") {
+        let module = match module {
+            "attn_q" if arch.attention_bias => "self_attn.q_proj",
+            "attn_k" if arch.attention_bias => "self_attn.k_proj",
+            "attn_v" if arch.attention_bias => "self_attn.v_proj",
+            _ => return None,
+        };
+        return Some((hf_layout::layer_bias(layer, module), None));
+    }
+    // llama.cpp interleaves q and k for the `llama` architecture only; `qwen2` keeps
+    // HuggingFace's halves (its "NEOX" rotary embedding).
+    let permuted = arch.family == "llama";
     let (module, heads) = match module.strip_suffix(".weight")? {
         "attn_norm" => ("input_layernorm", None),
-        "attn_q" => ("self_attn.q_proj", Some(arch.num_heads)),
-        "attn_k" => ("self_attn.k_proj", Some(arch.num_kv_heads)),
+        "attn_q" => ("self_attn.q_proj", permuted.then_some(arch.num_heads)),
+        "attn_k" => ("self_attn.k_proj", permuted.then_some(arch.num_kv_heads)),
         "attn_v" => ("self_attn.v_proj", None),
         "attn_output" => ("self_attn.o_proj", None),
         "ffn_norm" => ("post_attention_layernorm", None),
@@ -267,12 +324,21 @@ fn map_tensors(
 ) -> Result<Vec<Mapping>, GgufSourceError> {
     let expected = hf_layout::expected_tensors(arch);
     let mut out = Vec::with_capacity(index.tensors.len());
-    for info in &index.tensors {
-        let (hf, unpermute_heads) =
-            hf_name(&info.name, arch).ok_or_else(|| GgufSourceError::UnexpectedTensor {
-                path: path.to_owned(),
-                tensor: info.name.clone(),
-            })?;
+    for info in index.tensors.iter().filter(|t| t.name != ROPE_FREQS) {
+        let (hf, unpermute_heads) = hf_name(&info.name, arch).ok_or_else(|| {
+            if info.name.ends_with(".bias") {
+                GgufSourceError::UnexpectedBias {
+                    path: path.to_owned(),
+                    tensor: info.name.clone(),
+                    architecture: arch.family.clone(),
+                }
+            } else {
+                GgufSourceError::UnexpectedTensor {
+                    path: path.to_owned(),
+                    tensor: info.name.clone(),
+                }
+            }
+        })?;
         let want = expected.iter().find(|e| e.name == hf).ok_or_else(|| {
             GgufSourceError::UnexpectedTensor {
                 path: path.to_owned(),
@@ -306,17 +372,17 @@ fn map_tensors(
     Ok(out)
 }
 
-/// The metadata key an architecture field is read from.
-fn gguf_key(field: ArchitectureField) -> &'static str {
+/// The metadata key an architecture field is read from, after `{general.architecture}.`.
+fn gguf_key_suffix(field: ArchitectureField) -> &'static str {
     match field {
-        ArchitectureField::HiddenSize => "llama.embedding_length",
-        ArchitectureField::NumLayers => "llama.block_count",
-        ArchitectureField::NumHeads => "llama.attention.head_count",
-        ArchitectureField::NumKvHeads => "llama.attention.head_count_kv",
-        ArchitectureField::HeadDim => "llama.attention.key_length",
-        ArchitectureField::IntermediateSize => "llama.feed_forward_length",
-        ArchitectureField::VocabSize => "llama.vocab_size",
-        ArchitectureField::ContextLength => "llama.context_length",
+        ArchitectureField::HiddenSize => "embedding_length",
+        ArchitectureField::NumLayers => "block_count",
+        ArchitectureField::NumHeads => "attention.head_count",
+        ArchitectureField::NumKvHeads => "attention.head_count_kv",
+        ArchitectureField::HeadDim => "attention.key_length",
+        ArchitectureField::IntermediateSize => "feed_forward_length",
+        ArchitectureField::VocabSize => "vocab_size",
+        ArchitectureField::ContextLength => "context_length",
     }
 }
 
@@ -326,31 +392,36 @@ fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigErr
     let arch = meta
         .string("general.architecture")?
         .ok_or_else(|| meta.missing("general.architecture"))?;
-    if arch != "llama" {
-        return Err(meta.unsupported(
-            "general.architecture",
-            arch.to_owned(),
-            "only the llama architecture (Llama, Mistral, SmolLM) is exported",
-        ));
-    }
-    let required = |key: &'static str| -> Result<usize, ConfigError> {
+    let attention_bias = match arch {
+        "llama" => false,
+        "qwen2" => true,
+        other => {
+            return Err(meta.unsupported(
+                "general.architecture",
+                other.to_owned(),
+                "supported: llama (Llama, Mistral, SmolLM), qwen2",
+            ));
+        }
+    };
+    let key = |suffix: &str| format!("{arch}.{suffix}");
+    let required = |key: &str| -> Result<usize, ConfigError> {
         meta.uint(key)?.ok_or_else(|| meta.missing(key))
     };
-    let hidden_size = required("llama.embedding_length")?;
-    let num_layers = required("llama.block_count")?;
-    let intermediate_size = required("llama.feed_forward_length")?;
-    let num_heads = required("llama.attention.head_count")?;
-    let context_length = required("llama.context_length")?;
+    let hidden_size = required(&key("embedding_length"))?;
+    let num_layers = required(&key("block_count"))?;
+    let intermediate_size = required(&key("feed_forward_length"))?;
+    let num_heads = required(&key("attention.head_count"))?;
+    let context_length = required(&key("context_length"))?;
     let num_kv_heads = meta
-        .uint("llama.attention.head_count_kv")?
+        .uint(&key("attention.head_count_kv"))?
         .unwrap_or(num_heads);
-    let head_dim = match meta.uint("llama.attention.key_length")? {
+    let head_dim = match meta.uint(&key("attention.key_length"))? {
         Some(d) => d,
         None => match hidden_size.checked_rem(num_heads) {
             Some(0) => hidden_size / num_heads,
             Some(_) => {
                 return Err(meta.unsupported(
-                    "llama.attention.head_count",
+                    &key("attention.head_count"),
                     num_heads.to_string(),
                     "must divide llama.embedding_length when llama.attention.key_length is absent",
                 ));
@@ -359,60 +430,68 @@ fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigErr
             None => 0,
         },
     };
-    if let Some(v) = meta.uint("llama.attention.value_length")?
+    if let Some(v) = meta.uint(&key("attention.value_length"))?
         && v != head_dim
     {
         return Err(meta.unsupported(
-            "llama.attention.value_length",
+            &key("attention.value_length"),
             v.to_string(),
             "must equal the key length",
         ));
     }
-    if let Some(rope_dims) = meta.uint("llama.rope.dimension_count")?
+    if let Some(rope_dims) = meta.uint(&key("rope.dimension_count"))?
         && rope_dims != head_dim
     {
         return Err(meta.unsupported(
-            "llama.rope.dimension_count",
+            &key("rope.dimension_count"),
             rope_dims.to_string(),
-            "partial rotary embedding is not exported",
+            "supported: llama.attention.key_length, a rotary embedding over the whole head",
         ));
     }
-    if let Some(kind) = meta.string("llama.rope.scaling.type")?
-        && kind != "none"
-    {
-        return Err(meta.unsupported(
-            "llama.rope.scaling.type",
-            kind.to_owned(),
-            "only the default rotary embedding is exported",
-        ));
-    }
-    if index.tensor("rope_freqs.weight").is_some() {
-        return Err(meta.unsupported(
-            "rope_freqs.weight",
-            "present".into(),
-            "per-frequency rope scaling (Llama 3.1 style) is not exported",
-        ));
-    }
-    if let Some(experts) = meta.uint("llama.expert_count")?
+    // Llama 3's scaling comes as the `rope_freqs.weight` tensor, read with the tensors.
+    let rope_scaling = match meta.string(&key("rope.scaling.type"))? {
+        None | Some("none") => None,
+        Some("linear") => {
+            let factor = meta
+                .float(&key("rope.scaling.factor"))?
+                .ok_or_else(|| meta.missing(&key("rope.scaling.factor")))?;
+            if !(factor.is_finite() && factor > 0.0) {
+                return Err(meta.unsupported(
+                    &key("rope.scaling.factor"),
+                    factor.to_string(),
+                    "supported: a positive number",
+                ));
+            }
+            Some(RopeScaling::Linear { factor })
+        }
+        Some(kind) => {
+            return Err(meta.unsupported(
+                &key("rope.scaling.type"),
+                kind.to_owned(),
+                "supported: none, linear; Llama 3's scaling as rope_freqs.weight",
+            ));
+        }
+    };
+    if let Some(experts) = meta.uint(&key("expert_count"))?
         && experts > 0
     {
         return Err(meta.unsupported(
-            "llama.expert_count",
+            &key("expert_count"),
             experts.to_string(),
-            "mixture-of-experts models are not exported",
+            "supported: 0, mixture-of-experts models are not exported",
         ));
     }
-    let rope_theta = meta.float("llama.rope.freq_base")?.unwrap_or(10_000.0);
+    let rope_theta = meta.float(&key("rope.freq_base"))?.unwrap_or(10_000.0);
     let rms_norm_eps = meta
-        .float("llama.attention.layer_norm_rms_epsilon")?
-        .ok_or_else(|| meta.missing("llama.attention.layer_norm_rms_epsilon"))?;
-    let vocab_size = match meta.uint("llama.vocab_size")? {
+        .float(&key("attention.layer_norm_rms_epsilon"))?
+        .ok_or_else(|| meta.missing(&key("attention.layer_norm_rms_epsilon")))?;
+    let vocab_size = match meta.uint(&key("vocab_size"))? {
         Some(v) => v,
         None => index
             .get("tokenizer.ggml.tokens")
             .and_then(Value::as_array)
             .map(|a| a.len())
-            .ok_or_else(|| meta.missing("llama.vocab_size"))?,
+            .ok_or_else(|| meta.missing(&key("vocab_size")))?,
     };
     let token_id = |key| {
         meta.uint(key)
@@ -420,7 +499,7 @@ fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigErr
     };
 
     let architecture = Architecture {
-        family: "llama".to_owned(),
+        family: arch.to_owned(),
         hidden_size,
         num_layers,
         num_heads,
@@ -432,10 +511,12 @@ fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigErr
         rms_norm_eps,
         tie_word_embeddings: index.tensor("output.weight").is_none(),
         context_length,
+        rope_scaling,
+        attention_bias,
     };
     architecture
         .validate()
-        .map_err(|e| ConfigError::architecture(path, gguf_key, e))?;
+        .map_err(|e| ConfigError::architecture(path, |f| key(gguf_key_suffix(f)), e))?;
     Ok(ModelConfig {
         architecture,
         dtype: None,
@@ -456,27 +537,27 @@ struct Meta<'a> {
 }
 
 impl Meta<'_> {
-    fn missing(&self, key: &'static str) -> ConfigError {
+    fn missing(&self, key: &str) -> ConfigError {
         ConfigError::Missing {
             path: self.path.to_owned(),
-            key,
+            key: key.to_owned(),
         }
     }
 
-    fn unsupported(&self, key: &'static str, value: String, why: &'static str) -> ConfigError {
+    fn unsupported(&self, key: &str, value: String, why: &'static str) -> ConfigError {
         ConfigError::Unsupported {
             path: self.path.to_owned(),
-            key,
+            key: key.to_owned(),
             value,
             why,
         }
     }
 
-    fn wrong_type(&self, key: &'static str, value: &Value, expected: &'static str) -> ConfigError {
+    fn wrong_type(&self, key: &str, value: &Value, expected: &'static str) -> ConfigError {
         self.unsupported(key, format!("a {}", value.type_name()), expected)
     }
 
-    fn uint(&self, key: &'static str) -> Result<Option<usize>, ConfigError> {
+    fn uint(&self, key: &str) -> Result<Option<usize>, ConfigError> {
         self.index
             .get(key)
             .map(|v| {
@@ -487,7 +568,7 @@ impl Meta<'_> {
             .transpose()
     }
 
-    fn float(&self, key: &'static str) -> Result<Option<f64>, ConfigError> {
+    fn float(&self, key: &str) -> Result<Option<f64>, ConfigError> {
         self.index
             .get(key)
             .map(|v| {
@@ -497,7 +578,7 @@ impl Meta<'_> {
             .transpose()
     }
 
-    fn string(&self, key: &'static str) -> Result<Option<&str>, ConfigError> {
+    fn string(&self, key: &str) -> Result<Option<&str>, ConfigError> {
         self.index
             .get(key)
             .map(|v| {
@@ -562,6 +643,8 @@ mod tests {
             rms_norm_eps: 1e-5,
             tie_word_embeddings: true,
             context_length: 16,
+            rope_scaling: None,
+            attention_bias: false,
         };
         assert_eq!(
             hf_name("blk.1.attn_k.weight", &arch),

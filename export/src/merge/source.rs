@@ -144,7 +144,7 @@ fn compare_architectures(
     config: &MergeConfig,
 ) -> Result<(), MergeError> {
     let (a, b) = (&base.config().architecture, &other.config().architecture);
-    let fields: [(&'static str, Field); 10] = [
+    let fields: [(&'static str, Field); 12] = [
         ("architecture", |x| x.family.clone()),
         ("hidden_size", |x| x.hidden_size.to_string()),
         ("num_attention_heads", |x| x.num_heads.to_string()),
@@ -155,6 +155,8 @@ fn compare_architectures(
         ("rope_theta", |x| x.rope_theta.to_string()),
         ("rms_norm_eps", |x| x.rms_norm_eps.to_string()),
         ("tie_word_embeddings", |x| x.tie_word_embeddings.to_string()),
+        ("rope_scaling", |x| format!("{:?}", x.rope_scaling)),
+        ("attention_bias", |x| x.attention_bias.to_string()),
     ];
     for (field, get) in fields {
         let (base_value, other_value) = (get(a), get(b));
