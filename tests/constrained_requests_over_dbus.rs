@@ -1,6 +1,7 @@
 //! Structured output through the service, on the tiny bundle (random weights, the Mistral
 //! sentencepiece tokenizer with byte fallback): whatever the model would write, the text
-//! matches its constraint, through `Generate` and through `Chat`'s template; a schema or
+//! matches its constraint (non-ASCII text included), through `Generate` and through `Chat`'s
+//! template; a schema or
 //! grammar that does not compile, or two constraints at once, is `InvalidOption` naming the
 //! option; a constrained request cancelled mid-stream ends with `cancelled`.
 
@@ -81,6 +82,22 @@ async fn constraints_hold_are_checked_before_queueing_and_cancel() {
     assert_eq!(answer.reason, "stop", "{answer:?}");
     assert!(
         ["yes!", "no!"].contains(&answer.text.as_str()),
+        "{answer:?}"
+    );
+
+    // Characters outside ASCII: sentencepiece's `▁` and `<0xNN>` fallback bytes in the trie.
+    let request = llm
+        .generate(
+            "Coffee:",
+            with(greedy(32), &[("regex", "(café|naïve) ☕ (ok|non)")]),
+        )
+        .await
+        .expect("Generate");
+    let answer = collect(&mut stream, &request).await;
+    assert_eq!(answer.reason, "stop", "{answer:?}");
+    assert!(
+        ["café ☕ ok", "café ☕ non", "naïve ☕ ok", "naïve ☕ non"]
+            .contains(&answer.text.as_str()),
         "{answer:?}"
     );
 
