@@ -1,7 +1,8 @@
-//! 50 concurrent clients, four requests each, some cancelled mid-stream: every request gets
-//! exactly its own complete stream (the text `Complete` gives for the same prompt and
-//! options, or a prefix of it when cancelled), one `Finished` each, nothing lost or crossed,
-//! and the daemon's memory stays bounded. Prints the figures.
+//! 50 concurrent clients, four requests each, some cancelled mid-stream and some constrained
+//! to a JSON schema: every request gets exactly its own complete stream (the text `Complete`
+//! gives for the same prompt and options, or a prefix of it when cancelled), one `Finished`
+//! each, nothing lost or crossed, constrained texts are among the schema's values, and the
+//! daemon's memory stays bounded. Prints the figures.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use marengo::dbus::Llm1Error;
 use marengo_testkit::dbus::{Bus, Daemon, Signal, connect, greedy, next_signal, proxy, signals};
 use marengo_testkit::scratch_dir;
+use zbus::Variant;
 
 const CLIENTS: usize = 50;
 const REQUESTS_PER_CLIENT: usize = 4;
@@ -21,6 +23,18 @@ const PROMPTS: [&str; 4] = [
     "Rust is a language",
 ];
 const LENGTHS: [u32; 2] = [8, 16];
+/// The schema of the constrained requests, and every text it allows.
+const SCHEMA: &str = r#"{"enum": ["red", "green", "blue"]}"#;
+const SCHEMA_TEXTS: [&str; 3] = ["\"red\"", "\"green\"", "\"blue\""];
+
+/// Greedy options, constrained to [`SCHEMA`] when `constrained`.
+fn options(length: u32, constrained: bool) -> HashMap<&'static str, Variant<'static>> {
+    let mut options = greedy(length);
+    if constrained {
+        options.insert("json_schema", Variant::from(SCHEMA));
+    }
+    options
+}
 
 /// What one request must produce, from `Complete` with the same prompt and options.
 #[derive(Debug, Clone)]
@@ -32,7 +46,7 @@ struct Expected {
 async fn one_client(
     address: String,
     index: usize,
-    expected: Arc<HashMap<(usize, u32), Expected>>,
+    expected: Arc<HashMap<(usize, u32, bool), Expected>>,
 ) -> (usize, usize) {
     let connection = connect(&address).await;
     let mut stream = signals(&connection).await;
@@ -42,8 +56,9 @@ async fn one_client(
         let prompt = (index + k) % PROMPTS.len();
         let length = LENGTHS[(index / 2 + k) % LENGTHS.len()];
         let cancel = (index + k).is_multiple_of(5);
+        let constrained = (index + k) % 3 == 1;
         let request = llm
-            .generate(PROMPTS[prompt], greedy(length))
+            .generate(PROMPTS[prompt], options(length, constrained))
             .await
             .unwrap_or_else(|e| panic!("client {index} request {k}: {e}"));
         let mut text = String::new();
@@ -75,7 +90,7 @@ async fn one_client(
                 }
             }
         };
-        let want = &expected[&(prompt, length)];
+        let want = &expected[&(prompt, length, constrained)];
         if reason == "cancelled" {
             assert!(
                 cancel,
@@ -120,12 +135,21 @@ async fn fifty_clients_each_get_exactly_their_own_streams() {
     let mut expected = HashMap::new();
     for (p, prompt) in PROMPTS.iter().enumerate() {
         for length in LENGTHS {
-            let (text, stats) = llm
-                .complete(prompt, greedy(length))
-                .await
-                .expect("Complete");
-            let reason = String::try_from(stats["reason"].clone()).expect("reason is s");
-            expected.insert((p, length), Expected { text, reason });
+            for constrained in [false, true] {
+                let (text, stats) = llm
+                    .complete(prompt, options(length, constrained))
+                    .await
+                    .expect("Complete");
+                let reason = String::try_from(stats["reason"].clone()).expect("reason is s");
+                if constrained {
+                    assert_eq!(reason, "stop", "{prompt:?}: {text:?}");
+                    assert!(
+                        SCHEMA_TEXTS.contains(&text.as_str()),
+                        "{prompt:?}: {text:?}"
+                    );
+                }
+                expected.insert((p, length, constrained), Expected { text, reason });
+            }
         }
     }
     let expected = Arc::new(expected);

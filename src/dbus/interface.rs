@@ -146,7 +146,11 @@ impl Llm1 {
     /// The text arrives as Token signals and the end as one Finished signal, sent to the
     /// caller only; subscribe to them before calling. Options: max_tokens (u), temperature
     /// (d, 0 = greedy), top_k (u, 0 = off), top_p (d), min_p (d), repeat_penalty (d),
-    /// seed (t), stop (as); integers of any width are accepted where they fit.
+    /// seed (t), stop (as), and at most one of json_schema (s, a JSON schema the text
+    /// must match), regex (s, a regular expression the whole text matches) and grammar (s, a
+    /// Lark grammar as llguidance reads it): the text then ends (reason "stop") when its match is
+    /// complete, and one that does not compile is refused with InvalidOption. Integers of any
+    /// width are accepted where they fit.
     #[zbus(out_args("request"))]
     async fn generate(
         &self,
@@ -255,7 +259,8 @@ impl Llm1 {
 
     /// A request's end, sent exactly once per request. reason: stop, length, cancelled,
     /// disconnected, shutdown or error. stats: prompt_tokens (u), reused_tokens (u),
-    /// generated_tokens (u), prefill_tokens_per_s (d), decode_tokens_per_s (d), and
+    /// generated_tokens (u), prefill_tokens_per_s (d), decode_tokens_per_s (d),
+    /// constraint_ms_per_token (d) when the request had a json_schema, regex or grammar, and
     /// error (s) when reason is error.
     #[zbus(signal)]
     async fn finished(
@@ -355,6 +360,9 @@ fn stats(finished: &RequestEnd) -> HashMap<&'static str, Variant<'static>> {
             "decode_tokens_per_s",
             Variant::F64(outcome.decode_tokens_per_s),
         );
+        if let Some(seconds) = outcome.constraint_s_per_token {
+            stats.insert("constraint_ms_per_token", Variant::F64(seconds * 1e3));
+        }
     }
     if let Some(error) = &finished.error {
         stats.insert("error", Variant::from(error.clone()));

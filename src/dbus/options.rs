@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use zbus::{OwnedVariant, Variant};
 
 use super::Llm1Error;
+use crate::constraint::ConstraintSpec;
 use crate::request::RequestOptions;
 
 /// The most stop strings a request may carry; each is matched against every new piece of text.
@@ -38,10 +39,15 @@ impl RequestOptions {
                 "min_p" => parsed.min_p = Some(float(key, value)?),
                 "repeat_penalty" => parsed.repeat_penalty = Some(float(key, value)?),
                 "stop" => parsed.stop = strings(key, value)?,
+                "json_schema" => {
+                    constrain(&mut parsed, ConstraintSpec::JsonSchema(string(key, value)?))?
+                }
+                "regex" => constrain(&mut parsed, ConstraintSpec::Regex(string(key, value)?))?,
+                "grammar" => constrain(&mut parsed, ConstraintSpec::Grammar(string(key, value)?))?,
                 _ => {
                     return Err(Llm1Error::InvalidOption(format!(
                         "unknown option `{key}` (known: max_tokens, temperature, top_k, top_p, \
-                         min_p, repeat_penalty, seed, stop)"
+                         min_p, repeat_penalty, seed, stop, json_schema, regex, grammar)"
                     )));
                 }
             }
@@ -99,6 +105,32 @@ fn float(key: &str, value: &Variant<'_>) -> Result<f64, Llm1Error> {
         return Err(invalid(key, &format!("is {x}, not a finite number")));
     }
     Ok(x)
+}
+
+/// Sets the request's one structured-output constraint: two would each allow what the other
+/// forbids, and no order of applying them is obviously right.
+fn constrain(parsed: &mut RequestOptions, spec: ConstraintSpec) -> Result<(), Llm1Error> {
+    if let Some(earlier) = &parsed.constraint {
+        return Err(Llm1Error::InvalidOption(format!(
+            "options `{}` and `{}` cannot be combined: give at most one of json_schema, regex \
+             and grammar",
+            earlier.option(),
+            spec.option()
+        )));
+    }
+    parsed.constraint = Some(spec);
+    Ok(())
+}
+
+/// A non-empty string (`s`).
+fn string(key: &str, value: &Variant<'_>) -> Result<String, Llm1Error> {
+    let Variant::Str(s) = value else {
+        return Err(wrong_type(key, value, "a string (s)"));
+    };
+    if s.is_empty() {
+        return Err(invalid(key, "is empty"));
+    }
+    Ok(s.to_string())
 }
 
 /// An array of non-empty strings (`as`), at most [`MAX_STOP_STRINGS`] of them.
@@ -186,6 +218,28 @@ mod tests {
             let shown = format!("{value:?}");
             let message = refused_key(vec![(key, value)]);
             assert!(message.contains(&format!("`{key}`")), "{shown}: {message}");
+        }
+    }
+
+    #[test]
+    fn one_constraint_is_accepted_and_two_are_refused_naming_both() {
+        let parsed =
+            RequestOptions::parse(&options(vec![("regex", Variant::from("[a-z]+"))])).unwrap();
+        assert_eq!(
+            parsed.constraint,
+            Some(ConstraintSpec::Regex("[a-z]+".into()))
+        );
+        let message = refused_key(vec![
+            ("regex", Variant::from("[a-z]+")),
+            ("json_schema", Variant::from("{}")),
+        ]);
+        assert!(
+            message.contains("`regex`") && message.contains("`json_schema`"),
+            "{message}"
+        );
+        for key in ["json_schema", "regex", "grammar"] {
+            let message = refused_key(vec![(key, Variant::U32(1))]);
+            assert!(message.contains(&format!("`{key}`")), "{message}");
         }
     }
 

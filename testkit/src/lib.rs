@@ -10,6 +10,7 @@
 //! - [`exporter`]: `marengo-export` driven as the tests drive it (synth, convert, tiny
 //!   checkpoints); [`tiny_bundle`]: a tiny bundle of a given [`Kind`], made once per test binary.
 //! - [`onnxruntime`]: the second engine (the project's Python venv) and its files.
+//! - [`smollm2_bundle`]: SmolLM2-135M-Instruct as an FP8 bundle, made once per test binary.
 //! - [`argmax`], [`max_abs_diff`]: comparing logits, NaN included.
 //! - [`files`]: digests and listings of files a test wrote.
 //! - `dbus` (feature `dbus`): a private `dbus-daemon`, the real `marengod` on it and a client
@@ -24,9 +25,11 @@ pub mod files;
 mod logits;
 pub mod onnxruntime;
 mod paths;
+mod smollm2;
 mod tiny;
 
 pub use command::{run, run_fails};
 pub use logits::{argmax, max_abs_diff};
 pub use paths::{fixtures, repo_root, scratch_dir};
+pub use smollm2::{smollm2_bundle, smollm2_gguf};
 pub use tiny::{Kind, tiny_bundle};
