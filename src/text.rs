@@ -6,12 +6,13 @@
 //! ([`crate::engine::Engine`]) may be unmapped when idle: a `Tokenize` or a property read
 //! after an idle unload must not map gigabytes again.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use marengo_bundle::Bundle;
-use marengo_bundle::manifest::{Manifest, QuantKind, TOKENIZER_FILE};
+use marengo_bundle::manifest::{Manifest, TOKENIZER_FILE};
 
 use crate::chat::{ChatError, ChatTemplate};
+use crate::models::{model_name, quantization_name};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,8 @@ pub struct TextSide {
     tokenizer: Tokenizer,
     chat_template: Option<ChatTemplate>,
     name: String,
+    /// The bundle directory, from which the weights side is loaded when it is needed.
+    dir: PathBuf,
 }
 
 impl TextSide {
@@ -60,6 +63,7 @@ impl TextSide {
             tokenizer,
             chat_template,
             name,
+            dir: bundle.dir().to_owned(),
         })
     }
 
@@ -86,30 +90,18 @@ impl TextSide {
         &self.name
     }
 
+    /// The bundle directory this text side was read from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// `fp8_e4m3fn`, `f16` or `f32` (with the block size when blocked).
     pub fn quantization(&self) -> String {
-        let q = &self.manifest.quantization;
-        let kind = match q.kind {
-            QuantKind::Fp8E4m3fn => "fp8_e4m3fn",
-            QuantKind::F16 => "f16",
-            QuantKind::F32 => "f32",
-        };
-        match q.block_size {
-            Some(b) => format!("{kind}/block{b}"),
-            None => kind.to_string(),
-        }
+        quantization_name(&self.manifest)
     }
 
     /// Whether generation ends at `id`.
     pub fn is_eos(&self, id: u32) -> bool {
         self.manifest.special_tokens.eos.contains(&id)
-    }
-}
-
-fn model_name(dir: &Path, manifest: &Manifest) -> String {
-    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    match dir.file_name() {
-        Some(name) => name.to_string_lossy().into_owned(),
-        None => manifest.architecture.family.clone(),
     }
 }

@@ -38,10 +38,11 @@ impl RequestOptions {
                 "min_p" => parsed.min_p = Some(float(key, value)?),
                 "repeat_penalty" => parsed.repeat_penalty = Some(float(key, value)?),
                 "stop" => parsed.stop = strings(key, value)?,
+                "model" => parsed.model = Some(string(key, value)?),
                 _ => {
                     return Err(Llm1Error::InvalidOption(format!(
-                        "unknown option `{key}` (known: max_tokens, temperature, top_k, top_p, \
-                         min_p, repeat_penalty, seed, stop)"
+                        "unknown option `{key}` (known: model, max_tokens, temperature, top_k, \
+                         top_p, min_p, repeat_penalty, seed, stop)"
                     )));
                 }
             }
@@ -101,6 +102,15 @@ fn float(key: &str, value: &Variant<'_>) -> Result<f64, Llm1Error> {
     Ok(x)
 }
 
+/// A non-empty string (`s`).
+fn string(key: &str, value: &Variant<'_>) -> Result<String, Llm1Error> {
+    match value {
+        Variant::Str(s) if !s.is_empty() => Ok(s.to_string()),
+        Variant::Str(_) => Err(invalid(key, "is empty")),
+        _ => Err(wrong_type(key, value, "a string (s)")),
+    }
+}
+
 /// An array of non-empty strings (`as`), at most [`MAX_STOP_STRINGS`] of them.
 fn strings(key: &str, value: &Variant<'_>) -> Result<Vec<String>, Llm1Error> {
     let Variant::Array(array) = value else {
@@ -155,6 +165,7 @@ mod tests {
             ("temperature", Variant::I32(1)),
             ("top_p", Variant::F64(0.9)),
             ("stop", Variant::from(vec!["\n\n", "User:"])),
+            ("model", Variant::from("smollm2")),
         ]))
         .unwrap();
         assert_eq!(parsed.max_tokens, Some(64));
@@ -163,6 +174,7 @@ mod tests {
         assert_eq!(parsed.temperature, Some(1.0));
         assert_eq!(parsed.top_p, Some(0.9));
         assert_eq!(parsed.stop, vec!["\n\n".to_owned(), "User:".to_owned()]);
+        assert_eq!(parsed.model.as_deref(), Some("smollm2"));
     }
 
     #[test]
@@ -181,6 +193,8 @@ mod tests {
             ("stop", Variant::from(vec![1u32, 2])),
             ("stop", Variant::from(vec![""])),
             ("stop", Variant::from(vec!["x"; MAX_STOP_STRINGS + 1])),
+            ("model", Variant::U32(1)),
+            ("model", Variant::from("")),
         ];
         for (key, value) in cases {
             let shown = format!("{value:?}");

@@ -95,6 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         repeat_penalty: args.repeat_penalty.map(f64::from),
         seed: args.seed,
         stop: args.stop,
+        model: None,
     };
     let request = engine
         .text()
