@@ -130,6 +130,10 @@ struct State {
     next_id: RequestId,
     last_activity: Instant,
     last_decode_tokens_per_s: Option<f64>,
+    /// The name of the model in the engine slot, kept here so that a status never waits for
+    /// the slot, which a load holds for seconds.
+    loaded_model: Option<String>,
+    loading: bool,
 }
 
 struct Shared {
@@ -167,6 +171,10 @@ impl Scheduler {
                 next_id: 1,
                 last_activity: Instant::now(),
                 last_decode_tokens_per_s: None,
+                loaded_model: engine
+                    .as_ref()
+                    .map(|engine| engine.text().model_name().to_owned()),
+                loading: false,
             }),
             wake: Condvar::new(),
             engine: Mutex::new(engine),
@@ -303,21 +311,12 @@ impl Scheduler {
     }
 
     pub fn status(&self) -> SchedulerStatus {
-        // A busy slot is being loaded: not loaded yet, and not worth blocking the caller for.
-        let (loaded_model, loading) = match self.shared.engine.try_lock() {
-            Ok(slot) => (
-                slot.as_ref()
-                    .map(|engine| engine.text().model_name().to_owned()),
-                false,
-            ),
-            Err(_) => (None, true),
-        };
         let state = self.shared.lock_state();
         SchedulerStatus {
             waiting: state.waiting,
             running: state.running.is_some(),
-            loaded_model,
-            loading,
+            loaded_model: state.loaded_model.clone(),
+            loading: state.loading,
             last_decode_tokens_per_s: state.last_decode_tokens_per_s,
         }
     }
@@ -376,11 +375,21 @@ impl Shared {
             tracing::info!(model = %engine.text().model_name(), "unloading the model for another");
             *slot = None;
         }
+        {
+            let mut state = self.lock_state();
+            state.loaded_model = None;
+            state.loading = true;
+        }
         tracing::info!(model = %model.model_name(), "loading the model");
-        let engine = (self.loader)(model)?;
+        let loaded = (self.loader)(model);
+        let mut state = self.lock_state();
+        state.loading = false;
+        let engine = loaded?;
+        state.loaded_model = Some(model.model_name().to_owned());
+        state.last_activity = Instant::now();
         *slot = Some(Arc::clone(&engine));
         drop(slot);
-        self.lock_state().last_activity = Instant::now();
+        drop(state);
         // The worker may be waiting without a timeout because nothing was loaded.
         self.wake.notify_all();
         Ok(engine)
@@ -421,6 +430,7 @@ impl Shared {
                     if idle_for >= idle {
                         *conversation = None;
                         self.unload_engine();
+                        state.loaded_model = None;
                         continue;
                     }
                     state = self

@@ -80,6 +80,9 @@ enum Command {
 
 #[derive(Args, Clone, Default)]
 struct GenerationArgs {
+    /// The model, by name (`marengoctl models` lists them) [default: the service's default].
+    #[arg(long, short = 'm', value_name = "NAME")]
+    model: Option<String>,
     /// Most tokens to generate.
     #[arg(long, short = 'n', value_name = "N")]
     max_tokens: Option<u32>,
@@ -112,6 +115,9 @@ struct GenerationArgs {
 impl GenerationArgs {
     fn options(&self) -> HashMap<&'static str, Variant<'_>> {
         let mut options = HashMap::new();
+        if let Some(model) = &self.model {
+            options.insert("model", Variant::from(model.as_str()));
+        }
         if let Some(n) = self.max_tokens {
             options.insert("max_tokens", Variant::U32(n));
         }
