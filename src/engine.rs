@@ -233,6 +233,11 @@ pub struct Conversation {
 }
 
 impl Conversation {
+    /// The engine this conversation's KV cache belongs to.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
     /// Runs one generation. `should_stop` is polled before every token and ends the
     /// generation with the reason it returns; `on_text` receives text pieces that are always
     /// whole UTF-8 and never contain (part of) a stop string. A request's constraint masks the

@@ -12,6 +12,7 @@ pub mod dbus;
 pub mod engine;
 pub mod kernels;
 pub mod model;
+pub mod models;
 pub mod perplexity;
 pub mod request;
 pub mod sampler;

@@ -32,6 +32,9 @@ pub enum Prompt {
 /// The options of one request, as sent; `None` means the default.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RequestOptions {
+    /// The model's name; `None` is the daemon's default model. Chosen before preparation,
+    /// which happens on that model's text side.
+    pub model: Option<String>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f64>,
     pub top_k: Option<u32>,

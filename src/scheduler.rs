@@ -11,8 +11,12 @@
 //! A request is stopped through a flag the engine polls before every token, so a cancel, a
 //! client leaving the bus or a shutdown ends a running generation within one token. The
 //! scheduler reaches the model only through [`crate::engine`]; it may drop the engine after a
-//! period without work (unmapping the weights) and load it again on the next request. It never
-//! needs the text side: requests arrive prepared.
+//! period without work (unmapping the weights) and load it again on the next request.
+//!
+//! One model is resident at a time. Requests arrive prepared, each with the text side of the
+//! model it was prepared for, which names the model: a request for another model than the
+//! resident one drops the resident engine (and its conversation) before loading the other, so
+//! that two models' weights and KV caches are never held together.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -24,6 +28,7 @@ use tokio::sync::mpsc;
 
 use crate::engine::{Conversation, EndReason, Engine, EngineError, GenerationOutcome};
 use crate::request::GenerateRequest;
+use crate::text::TextSide;
 
 /// A request's number, unique for the daemon's lifetime.
 pub type RequestId = u64;
@@ -80,15 +85,20 @@ pub enum StartError {
     Thread(#[source] std::io::Error),
 }
 
-/// Loads the engine again after an idle unload.
-pub type EngineLoader = Box<dyn Fn() -> Result<Arc<Engine>, EngineError> + Send + Sync>;
+/// Loads the weights side of the model whose text side it is given: after an idle unload, or
+/// for a request for another model than the resident one.
+pub type EngineLoader =
+    Box<dyn Fn(&Arc<TextSide>) -> Result<Arc<Engine>, EngineError> + Send + Sync>;
 
-/// A snapshot for status lines.
-#[derive(Debug, Clone, Copy, Default)]
+/// A snapshot for status lines and the `State` property.
+#[derive(Debug, Clone, Default)]
 pub struct SchedulerStatus {
     pub waiting: usize,
     pub running: bool,
-    pub model_loaded: bool,
+    /// The resident model's name.
+    pub loaded_model: Option<String>,
+    /// A model's weights are being loaded.
+    pub loading: bool,
     /// Decode speed of the last finished request, tokens/s.
     pub last_decode_tokens_per_s: Option<f64>,
 }
@@ -96,6 +106,8 @@ pub struct SchedulerStatus {
 struct Job {
     id: RequestId,
     client: String,
+    /// The text side of the model the request was prepared for.
+    model: Arc<TextSide>,
     request: GenerateRequest,
     stop: Arc<AtomicU8>,
     events: mpsc::Sender<Event>,
@@ -118,6 +130,10 @@ struct State {
     next_id: RequestId,
     last_activity: Instant,
     last_decode_tokens_per_s: Option<f64>,
+    /// The name of the model in the engine slot, kept here so that a status never waits for
+    /// the slot, which a load holds for seconds.
+    loaded_model: Option<String>,
+    loading: bool,
 }
 
 struct Shared {
@@ -137,10 +153,11 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Starts the worker thread with `engine`, loaded by the caller so that a bad bundle fails
-    /// the start, not the first request; `loader` loads it again after an idle unload.
+    /// Starts the worker thread with `engine`, the default model loaded by the caller so that
+    /// a bad bundle fails the start, not the first request (`None` when no model is
+    /// installed); `loader` loads a model's weights when a request needs them.
     pub fn start(
-        engine: Arc<Engine>,
+        engine: Option<Arc<Engine>>,
         loader: EngineLoader,
         options: SchedulerOptions,
     ) -> Result<Self, StartError> {
@@ -154,9 +171,13 @@ impl Scheduler {
                 next_id: 1,
                 last_activity: Instant::now(),
                 last_decode_tokens_per_s: None,
+                loaded_model: engine
+                    .as_ref()
+                    .map(|engine| engine.text().model_name().to_owned()),
+                loading: false,
             }),
             wake: Condvar::new(),
-            engine: Mutex::new(Some(engine)),
+            engine: Mutex::new(engine),
             loader,
             options,
         });
@@ -171,11 +192,12 @@ impl Scheduler {
         })
     }
 
-    /// Queues `request` for `client` (its unique bus name). `events` receives its text and
-    /// its end.
+    /// Queues `request`, prepared on `model`'s text side, for `client` (its unique bus name).
+    /// `events` receives its text and its end.
     pub fn submit(
         &self,
         client: &str,
+        model: Arc<TextSide>,
         request: GenerateRequest,
         events: mpsc::Sender<Event>,
     ) -> Result<RequestId, SubmitError> {
@@ -196,6 +218,7 @@ impl Scheduler {
         let job = Job {
             id,
             client: client.to_owned(),
+            model,
             request,
             stop: Arc::new(AtomicU8::new(0)),
             events,
@@ -288,13 +311,12 @@ impl Scheduler {
     }
 
     pub fn status(&self) -> SchedulerStatus {
-        // A busy slot is being loaded: not loaded yet, and not worth blocking the caller for.
-        let model_loaded = matches!(self.shared.engine.try_lock(), Ok(slot) if slot.is_some());
         let state = self.shared.lock_state();
         SchedulerStatus {
             waiting: state.waiting,
             running: state.running.is_some(),
-            model_loaded,
+            loaded_model: state.loaded_model.clone(),
+            loading: state.loading,
             last_decode_tokens_per_s: state.last_decode_tokens_per_s,
         }
     }
@@ -339,19 +361,35 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn engine(&self) -> Result<Arc<Engine>, EngineError> {
+    /// The engine of `model`, loaded if it is not the resident one; the resident one is
+    /// dropped first, so that the two are never mapped together.
+    fn engine(&self, model: &Arc<TextSide>) -> Result<Arc<Engine>, EngineError> {
         let mut slot = self
             .engine
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(engine) = slot.as_ref() {
-            return Ok(Arc::clone(engine));
+            if Arc::ptr_eq(engine.text(), model) {
+                return Ok(Arc::clone(engine));
+            }
+            tracing::info!(model = %engine.text().model_name(), "unloading the model for another");
+            *slot = None;
         }
-        tracing::info!("loading the model again after an idle unload");
-        let engine = (self.loader)()?;
+        {
+            let mut state = self.lock_state();
+            state.loaded_model = None;
+            state.loading = true;
+        }
+        tracing::info!(model = %model.model_name(), "loading the model");
+        let loaded = (self.loader)(model);
+        let mut state = self.lock_state();
+        state.loading = false;
+        let engine = loaded?;
+        state.loaded_model = Some(model.model_name().to_owned());
+        state.last_activity = Instant::now();
         *slot = Some(Arc::clone(&engine));
         drop(slot);
-        self.lock_state().last_activity = Instant::now();
+        drop(state);
         // The worker may be waiting without a timeout because nothing was loaded.
         self.wake.notify_all();
         Ok(engine)
@@ -392,6 +430,7 @@ impl Shared {
                     if idle_for >= idle {
                         *conversation = None;
                         self.unload_engine();
+                        state.loaded_model = None;
                         continue;
                     }
                     state = self
@@ -443,9 +482,19 @@ fn run_job(shared: &Shared, conversation: &mut Option<Conversation>, job: &Job) 
             error: Some(error.to_string()),
         }
     };
+    // A conversation holds its engine: it goes first when the request is for another model.
+    if conversation
+        .as_ref()
+        .is_some_and(|c| !Arc::ptr_eq(c.engine().text(), &job.model))
+    {
+        *conversation = None;
+    }
     let conversation = match conversation {
         Some(conversation) => conversation,
-        None => match shared.engine().and_then(|engine| engine.new_conversation()) {
+        None => match shared
+            .engine(&job.model)
+            .and_then(|engine| engine.new_conversation())
+        {
             Ok(new) => conversation.insert(new),
             Err(error) => return failed(error),
         },

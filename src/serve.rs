@@ -1,9 +1,12 @@
 //! `marengod serve`: load the bundle, own `org.marengo.Llm1` on a bus, serve until SIGTERM.
 //!
-//! The order of the start is what systemd's `Type=notify` promises to others: the model is
-//! mapped and the name is owned before `READY=1`, so a client started after the daemon is
-//! ready never meets a missing name or a half-loaded model. A failure before that (bad config,
-//! bad bundle, name already taken) ends the process with a message naming the cause.
+//! The order of the start is what systemd's `Type=notify` promises to others: the default
+//! model is mapped and the name is owned before `READY=1`, so a client started after the daemon
+//! is ready never meets a missing name or a half-loaded model. A failure before that (bad
+//! config, bad bundle, name already taken) ends the process with a message naming the cause.
+//! No model installed is not a failure: the daemon serves, says `no-model` in its `State`, and
+//! answers generation with `NoModel` and how to install one, so that a first-time user's client
+//! reaches a daemon that can tell them what is missing.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,6 +21,7 @@ use zbus::fdo::DBusProxy;
 use crate::config::{BusChoice, Config, ConfigError, ConfigFile, default_config_path, defaults};
 use crate::dbus::{BUS_NAME, Llm1, OBJECT_PATH, Streams};
 use crate::engine::{Engine, EngineError, EngineOptions};
+use crate::models::Models;
 use crate::scheduler::{Scheduler, SchedulerOptions, StartError};
 use crate::systemd;
 use crate::text::TextSide;
@@ -39,9 +43,18 @@ pub struct ServeArgs {
     /// $XDG_CONFIG_HOME/marengo/marengod.toml]. A missing default file means all defaults.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// The model bundle directory (key `bundle`).
+    /// A model bundle directory to serve as the default model (key `bundle`).
     #[arg(long, value_name = "DIR")]
     pub bundle: Option<PathBuf>,
+    /// The default model's name in the models directories (key `model`) [default: the first
+    /// one found].
+    #[arg(long, value_name = "NAME")]
+    pub model: Option<String>,
+    /// A directory of models (subdirectories NAME holding a bundle); may be repeated, earlier
+    /// ones win (key `models_dirs`) [default: /var/lib/marengo/models, /usr/share/marengo/models;
+    /// with --session $XDG_DATA_HOME/marengo/models first].
+    #[arg(long = "models-dir", value_name = "DIR")]
+    pub models_dirs: Vec<PathBuf>,
     /// Serve on the system bus (the default).
     #[arg(long, conflicts_with_all = ["session", "address"])]
     pub system: bool,
@@ -101,8 +114,8 @@ pub enum ServeError {
         // `ServeError` large.
         source: Box<EngineError>,
     },
-    #[error("cannot start serving the bundle {path}: {source}")]
-    Start { path: PathBuf, source: StartError },
+    #[error("cannot start serving: {0}")]
+    Start(StartError),
     #[error("the model loading thread failed: {0}")]
     LoadThread(#[from] tokio::task::JoinError),
     #[error("cannot connect to the {bus}: {source}")]
@@ -126,6 +139,8 @@ impl ServeArgs {
     fn overrides(&self) -> ConfigFile {
         ConfigFile {
             bundle: self.bundle.clone(),
+            model: self.model.clone(),
+            models_dirs: (!self.models_dirs.is_empty()).then(|| self.models_dirs.clone()),
             bus: if self.system {
                 Some("system".into())
             } else if self.session {
@@ -185,19 +200,17 @@ async fn serve(config: Config) -> Result<(), ServeError> {
     };
     let Started {
         scheduler,
-        text,
         streams,
         connection,
         mut departures,
     } = started;
 
-    tracing::info!(
-        model = %text.model_name(),
-        quantization = %text.quantization(),
-        context_length = text.context_length(),
-        "serving {BUS_NAME} on the {bus}"
-    );
-    systemd::notify_ready(&format!("serving {} on the {bus}", text.model_name()));
+    let serving = match scheduler.status().loaded_model {
+        Some(model) => format!("serving {model} on the {bus}"),
+        None => format!("serving no model on the {bus}"),
+    };
+    tracing::info!("{serving} as {BUS_NAME}");
+    systemd::notify_ready(&serving);
     let status = tokio::spawn(report_status(Arc::clone(&scheduler)));
     let watchdog = systemd::watchdog_interval().map(|every| tokio::spawn(feed_watchdog(every)));
 
@@ -240,7 +253,6 @@ async fn serve(config: Config) -> Result<(), ServeError> {
 /// Everything that runs once the daemon is ready.
 struct Started {
     scheduler: Arc<Scheduler>,
-    text: Arc<TextSide>,
     streams: Arc<Streams>,
     connection: Connection,
     departures: tokio::task::JoinHandle<()>,
@@ -250,14 +262,13 @@ struct Started {
 /// a bus that accepts the connection but never answers (or withholds `NameAcquired` under a
 /// too strict policy) is a start failure with a message, not a daemon that hangs unready.
 async fn start(config: &Config, bus: &str) -> Result<Started, ServeError> {
-    tracing::info!(bundle = %config.bundle.display(), %bus, "loading the model");
     systemd::notify_status("loading the model");
-    let (scheduler, text) = start_scheduler(config).await?;
+    let (scheduler, models) = start_scheduler(config).await?;
 
     let streams = Arc::new(Streams::default());
     let service = Llm1::new(
         Arc::clone(&scheduler),
-        Arc::clone(&text),
+        models,
         config.default_max_tokens,
         Arc::clone(&streams),
     );
@@ -296,17 +307,16 @@ async fn start(config: &Config, bus: &str) -> Result<Started, ServeError> {
 
     Ok(Started {
         scheduler,
-        text,
         streams,
         connection,
         departures,
     })
 }
 
-/// Loads both sides of the bundle and starts the scheduler with the weights side. After an
-/// idle unload only the weights are loaded again; the text side stays for the daemon's life.
-async fn start_scheduler(config: &Config) -> Result<(Arc<Scheduler>, Arc<TextSide>), ServeError> {
-    let bundle = config.bundle.clone();
+/// Loads both sides of the default model and starts the scheduler with its weights side. The
+/// text side of each model is kept once read; the weights side is loaded again after an idle
+/// unload, or for a request for another model.
+async fn start_scheduler(config: &Config) -> Result<(Arc<Scheduler>, Arc<Models>), ServeError> {
     let engine_options = EngineOptions {
         threads: config.threads,
         verify_hashes: config.verify_hashes,
@@ -317,25 +327,46 @@ async fn start_scheduler(config: &Config) -> Result<(Arc<Scheduler>, Arc<TextSid
         max_queued_per_client: config.max_queued_per_client,
         idle_unload: config.idle_unload_secs.map(Duration::from_secs),
     };
-    let (load_path, load_options) = (bundle.clone(), engine_options.clone());
-    let engine = tokio::task::spawn_blocking(move || Engine::load(&load_path, &load_options))
-        .await?
-        .map_err(|source| ServeError::Bundle {
-            path: bundle.clone(),
-            source: Box::new(source),
-        })?;
-    let text = Arc::clone(engine.text());
-    let reload_text = Arc::clone(&text);
-    let load_path = bundle.clone();
-    let loader = Box::new(move || {
-        Engine::load_weights(&load_path, &engine_options, Arc::clone(&reload_text))
+    let models = Arc::new(Models::new(
+        config.models_dirs.clone(),
+        config.bundle.clone(),
+        config.model.clone(),
+    ));
+    // A configured bundle must load; the models directories may hold none.
+    let default = match &config.bundle {
+        Some(dir) => Some(dir.clone()),
+        None => {
+            let found = Arc::clone(&models);
+            match tokio::task::spawn_blocking(move || found.default_model()).await? {
+                Ok(model) => Some(model.dir),
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    None
+                }
+            }
+        }
+    };
+    let engine = match default {
+        Some(dir) => {
+            tracing::info!(bundle = %dir.display(), "loading the model");
+            let (load_path, load_options) = (dir.clone(), engine_options.clone());
+            let engine =
+                tokio::task::spawn_blocking(move || Engine::load(&load_path, &load_options))
+                    .await?
+                    .map_err(|source| ServeError::Bundle {
+                        path: dir,
+                        source: Box::new(source),
+                    })?;
+            models.remember(engine.text());
+            Some(engine)
+        }
+        None => None,
+    };
+    let loader = Box::new(move |text: &Arc<TextSide>| {
+        Engine::load_weights(text.dir(), &engine_options, Arc::clone(text))
     });
-    let scheduler =
-        Scheduler::start(engine, loader, options).map_err(|source| ServeError::Start {
-            path: bundle,
-            source,
-        })?;
-    Ok((Arc::new(scheduler), text))
+    let scheduler = Scheduler::start(engine, loader, options).map_err(ServeError::Start)?;
+    Ok((Arc::new(scheduler), models))
 }
 
 /// Cancels the requests of every client that leaves the bus (the task ends when the
@@ -376,8 +407,9 @@ async fn report_status(scheduler: Arc<Scheduler>) {
         if let Some(speed) = status.last_decode_tokens_per_s {
             line.push_str(&format!(", last decode {speed:.1} tokens/s"));
         }
-        if !status.model_loaded {
-            line.push_str(", model unloaded");
+        match &status.loaded_model {
+            Some(model) => line.push_str(&format!(", {model} loaded")),
+            None => line.push_str(", no model loaded"),
         }
         if line != last {
             systemd::notify_status(&line);

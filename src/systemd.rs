@@ -18,7 +18,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 /// `JOURNAL_STREAM` to stderr's device and inode then), to stderr otherwise. `RUST_LOG`,
 /// when set, overrides `level`.
 pub fn init_logging(level: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let filter = log_filter(level);
     let registry = tracing_subscriber::registry().with(filter);
     if stderr_is_journal()
         && let Ok(journald) = tracing_journald::layer()
@@ -35,6 +35,21 @@ pub fn init_logging(level: &str) {
                 .with_writer(std::io::stderr),
         )
         .init();
+}
+
+/// tract warns at every load that the model's ONNX operator set (23) is newer than the ones
+/// it tests (9 to 18). Bundles are opset 23 by design and the engine is tested on them against
+/// onnxruntime, so the warning says nothing a user can act on; it is dropped unless `RUST_LOG`
+/// names `tract_onnx` itself.
+const QUIET_TRACT: &str = "tract_onnx::model=error";
+
+/// `RUST_LOG` when set (else `level`), without tract's operator-set warning.
+pub fn log_filter(level: &str) -> EnvFilter {
+    match std::env::var("RUST_LOG") {
+        Ok(spec) if spec.contains("tract_onnx") => EnvFilter::new(spec),
+        Ok(spec) if !spec.trim().is_empty() => EnvFilter::new(format!("{spec},{QUIET_TRACT}")),
+        _ => EnvFilter::new(format!("{level},{QUIET_TRACT}")),
+    }
 }
 
 /// `JOURNAL_STREAM` is `device:inode` of the stream systemd connected; it is inherited by

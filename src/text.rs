@@ -6,14 +6,15 @@
 //! ([`crate::engine::Engine`]) may be unmapped when idle: a `Tokenize` or a property read
 //! after an idle unload must not map gigabytes again.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use marengo_bundle::Bundle;
-use marengo_bundle::manifest::{Manifest, QuantKind, TOKENIZER_FILE};
+use marengo_bundle::manifest::{Manifest, TOKENIZER_FILE};
 
 use crate::chat::{ChatError, ChatTemplate};
 use crate::constraint::{Compiler, Constraint, ConstraintError, ConstraintSpec};
+use crate::models::{model_name, quantization_name};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,8 @@ pub struct TextSide {
     name: String,
     /// Made by the first constrained request: most daemons never need it.
     compiler: OnceLock<Result<Compiler, ConstraintError>>,
+    /// The bundle directory, from which the weights side is loaded when it is needed.
+    dir: PathBuf,
 }
 
 impl TextSide {
@@ -65,6 +68,7 @@ impl TextSide {
             chat_template,
             name,
             compiler: OnceLock::new(),
+            dir: bundle.dir().to_owned(),
         })
     }
 
@@ -91,18 +95,14 @@ impl TextSide {
         &self.name
     }
 
+    /// The bundle directory this text side was read from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// `fp8_e4m3fn`, `f16` or `f32` (with the block size when blocked).
     pub fn quantization(&self) -> String {
-        let q = &self.manifest.quantization;
-        let kind = match q.kind {
-            QuantKind::Fp8E4m3fn => "fp8_e4m3fn",
-            QuantKind::F16 => "f16",
-            QuantKind::F32 => "f32",
-        };
-        match q.block_size {
-            Some(b) => format!("{kind}/block{b}"),
-            None => kind.to_string(),
-        }
+        quantization_name(&self.manifest)
     }
 
     /// Compiles a structured-output constraint for this model's vocabulary.
@@ -129,13 +129,5 @@ impl TextSide {
     /// Whether generation ends at `id`.
     pub fn is_eos(&self, id: u32) -> bool {
         self.manifest.special_tokens.eos.contains(&id)
-    }
-}
-
-fn model_name(dir: &Path, manifest: &Manifest) -> String {
-    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    match dir.file_name() {
-        Some(name) => name.to_string_lossy().into_owned(),
-        None => manifest.architecture.family.clone(),
     }
 }

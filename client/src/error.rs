@@ -24,6 +24,9 @@ pub enum Llm1Error {
     NotFound(String),
     /// The request belongs to another client.
     AccessDenied(String),
+    /// No model is installed (or the configured default is not): the message says where the
+    /// daemon looked and how to install one.
+    NoModel(String),
     /// The model failed; the message says how. The daemon keeps running.
     Internal(String),
 }

@@ -49,14 +49,27 @@ pub trait Llm1 {
         stats: HashMap<String, OwnedVariant>,
     ) -> zbus::Result<()>;
 
-    #[zbus(property)]
+    /// The default model; empty without one. Never cached: a model installed while the
+    /// service runs can become the default.
+    #[zbus(property(emits_changed_signal = "false"))]
     fn model(&self) -> zbus::Result<String>;
 
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     fn context_length(&self) -> zbus::Result<u32>;
 
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     fn quantization(&self) -> zbus::Result<String>;
+
+    /// (name, quantization, context length, size in bytes), the default first.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn models(&self) -> zbus::Result<Vec<(String, String, u32, u64)>>;
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn loaded_model(&self) -> zbus::Result<String>;
+
+    /// no-model, unloaded, loading, idle or generating.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn state(&self) -> zbus::Result<String>;
 
     /// Never cached: the service does not announce its changes.
     #[zbus(property(emits_changed_signal = "false"))]

@@ -6,7 +6,7 @@
 //! checkpoints for tests and benchmarks; [`merge`] makes a SLERP merge of two checkpoints, as a
 //! checkpoint of its own or as a source for the converter; both write it through
 //! [`hf_writer`]. Bundles and merged checkpoints appear at their target whole or not at all
-//! ([`atomic_dir`]).
+//! ([`atomic_dir`]); [`install`] names the target in marengod's models directories.
 
 pub mod atomic_dir;
 pub mod checkpoint;
@@ -15,6 +15,7 @@ pub mod gguf;
 pub mod graph;
 pub mod hf_writer;
 pub mod inspect;
+pub mod install;
 pub mod merge;
 pub mod progress;
 pub mod quant;

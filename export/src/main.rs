@@ -10,6 +10,7 @@ use marengo_export::checkpoint::hf_dir::HfCheckpoint;
 use marengo_export::checkpoint::{CheckpointSource, SourceDtype};
 use marengo_export::convert::{ConvertOptions, convert};
 use marengo_export::inspect::inspect;
+use marengo_export::install;
 use marengo_export::merge::{DEFAULT_SHARD_BYTES, MergedCheckpoint, write_checkpoint};
 use marengo_export::synth::{SynthOptions, synthesize};
 
@@ -58,8 +59,16 @@ enum Command {
         #[arg(long, value_name = "YAML")]
         merge: Option<PathBuf>,
         /// Bundle directory to create.
-        #[arg(long)]
-        out: PathBuf,
+        #[arg(long, required_unless_present = "install", conflicts_with = "install")]
+        out: Option<PathBuf>,
+        /// Install the bundle as the model NAME where marengod finds it: in
+        /// /var/lib/marengo/models as root, else in $XDG_DATA_HOME/marengo/models (a session
+        /// daemon's); `marengoctl models` then lists it.
+        #[arg(long, value_name = "NAME")]
+        install: Option<String>,
+        /// With --install: the models directory to install into.
+        #[arg(long, value_name = "DIR", requires = "install")]
+        models_dir: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "fp8")]
         dtype: ExportDtype,
         /// FP8: one scale per N input elements instead of one per output channel.
@@ -167,6 +176,8 @@ fn main() -> anyhow::Result<()> {
             gguf,
             merge,
             out,
+            install,
+            models_dir,
             dtype,
             block,
             head,
@@ -191,6 +202,11 @@ fn main() -> anyhow::Result<()> {
                     anyhow::bail!("give a CHECKPOINT_DIR, --gguf FILE or --merge YAML")
                 }
             };
+            let out = match (out, &install) {
+                (Some(out), _) => out,
+                (None, Some(name)) => install::target(name, models_dir.as_deref())?,
+                (None, None) => anyhow::bail!("give --out DIR or --install NAME"),
+            };
             let opts = ConvertOptions {
                 out: out.clone(),
                 kind: match dtype {
@@ -206,6 +222,10 @@ fn main() -> anyhow::Result<()> {
             };
             convert(source.as_ref(), &opts)
                 .with_context(|| format!("exporting to {}", out.display()))?;
+            if install.is_some() {
+                install::make_readable(&out)?;
+                eprintln!("installed {}", out.display());
+            }
             Ok(())
         }
         Command::Merge {

@@ -1,7 +1,7 @@
 //! `org.marengo.Llm1`: the one struct that is the daemon's D-Bus surface.
 //!
-//! Methods check their arguments, prepare an engine request on the [`TextSide`] off the async
-//! runtime and hand it to the [`Scheduler`]; a task per streaming request then forwards its text as
+//! Methods check their arguments, choose the model ([`Models`]), prepare an engine request on
+//! its [`TextSide`] off the async runtime and hand it to the [`Scheduler`]; a task per streaming request then forwards its text as
 //! `Token` signals and its end as one `Finished`. Every signal carries the caller's unique
 //! name as destination: on a system bus any user may add match rules, and a broadcast stream
 //! would show one user's conversation to all the others.
@@ -18,6 +18,7 @@ use zbus::{Connection, ObjectPath, OwnedObjectPath, OwnedVariant, Variant, inter
 
 use super::request::{self, BusPrompt};
 use super::{Llm1Error, OBJECT_PATH};
+use crate::models::{ModelInfo, Models, ModelsError};
 use crate::request::RequestOptions;
 use crate::scheduler::{CancelError, Event, RequestEnd, RequestId, Scheduler, SubmitError};
 use crate::text::TextSide;
@@ -66,11 +67,26 @@ impl Drop for StreamGuard {
     }
 }
 
-/// The service object. Its text side answers tokenizing and the properties, and prepares
-/// requests; only the scheduler's worker runs (and may load) the weights.
+/// What the `State` property says, from the models found and the scheduler's snapshot.
+pub mod state {
+    /// No model is installed (or the configured default is missing); generation fails with
+    /// `NoModel`.
+    pub const NO_MODEL: &str = "no-model";
+    /// Models are installed, none is resident; the next generation loads one.
+    pub const UNLOADED: &str = "unloaded";
+    /// A model's weights are being loaded.
+    pub const LOADING: &str = "loading";
+    /// A model is resident (`LoadedModel`) and nothing runs.
+    pub const IDLE: &str = "idle";
+    /// A request is being generated.
+    pub const GENERATING: &str = "generating";
+}
+
+/// The service object. The models' text sides answer tokenizing and the properties, and
+/// prepare requests; only the scheduler's worker runs (and may load) the weights.
 pub struct Llm1 {
     scheduler: Arc<Scheduler>,
-    text: Arc<TextSide>,
+    models: Arc<Models>,
     default_max_tokens: u32,
     streams: Arc<Streams>,
 }
@@ -78,42 +94,48 @@ pub struct Llm1 {
 impl Llm1 {
     pub fn new(
         scheduler: Arc<Scheduler>,
-        text: Arc<TextSide>,
+        models: Arc<Models>,
         default_max_tokens: u32,
         streams: Arc<Streams>,
     ) -> Self {
         Self {
             scheduler,
-            text,
+            models,
             default_max_tokens,
             streams,
         }
     }
 
-    /// Validates and queues a request; its events arrive on the returned receiver.
+    /// Validates and queues a request; its events arrive on the returned receiver, with the
+    /// name of the model that runs it.
     async fn submit(
         &self,
         client: &str,
         prompt: BusPrompt,
         options: &HashMap<String, OwnedVariant>,
-    ) -> Result<(RequestId, mpsc::Receiver<Event>), Llm1Error> {
+    ) -> Result<(RequestId, String, mpsc::Receiver<Event>), Llm1Error> {
         let options = RequestOptions::parse(options)?;
-        let text = Arc::clone(&self.text);
+        let models = Arc::clone(&self.models);
         let default_max_tokens = self.default_max_tokens;
-        let request =
-            blocking(move || request::prepare(&text, prompt, options, default_max_tokens)).await?;
+        let (text, request) = blocking(move || {
+            let text = model_text(&models, options.model.as_deref())?;
+            let request = request::prepare(&text, prompt, options, default_max_tokens)?;
+            Ok((text, request))
+        })
+        .await?;
+        let model = text.model_name().to_owned();
         let (events, receiver) = mpsc::channel(EVENT_BUFFER);
         let id = self
             .scheduler
-            .submit(client, request, events)
+            .submit(client, text, request, events)
             .map_err(|e| match e {
                 SubmitError::ShuttingDown => Llm1Error::Internal(e.to_string()),
                 SubmitError::QueueFull(_) | SubmitError::ClientQueueFull(_) => {
                     Llm1Error::Busy(e.to_string())
                 }
             })?;
-        tracing::debug!(client, request = id, "request queued");
-        Ok((id, receiver))
+        tracing::debug!(client, request = id, model, "request queued");
+        Ok((id, model, receiver))
     }
 
     /// Queues a streaming request and starts forwarding its events once the reply (the
@@ -127,7 +149,7 @@ impl Llm1 {
         options: &HashMap<String, OwnedVariant>,
     ) -> Result<ResponseDispatchNotifier<OwnedObjectPath>, Llm1Error> {
         let client = caller(header)?;
-        let (id, events) = self.submit(&client, prompt, options).await?;
+        let (id, model, events) = self.submit(&client, prompt, options).await?;
         let path = request_path(id);
         let (reply, sent) = ResponseDispatchNotifier::new(path.clone());
         let emitter = SignalEmitter::new(connection, OBJECT_PATH)
@@ -135,7 +157,7 @@ impl Llm1 {
             .set_destination(BusName::try_from(client).map_err(internal)?)
             .into_owned();
         let guard = self.streams.begin();
-        tokio::spawn(forward(emitter, path, sent, events, guard));
+        tokio::spawn(forward(emitter, path, model, sent, events, guard));
         Ok(reply)
     }
 }
@@ -146,11 +168,12 @@ impl Llm1 {
     /// The text arrives as Token signals and the end as one Finished signal, sent to the
     /// caller only; subscribe to them before calling. Options: max_tokens (u), temperature
     /// (d, 0 = greedy), top_k (u, 0 = off), top_p (d), min_p (d), repeat_penalty (d),
-    /// seed (t), stop (as), and at most one of json_schema (s, a JSON schema the text
-    /// must match), regex (s, a regular expression the whole text matches) and grammar (s, a
-    /// Lark grammar as llguidance reads it): the text then ends (reason "stop") when its match is
-    /// complete, and one that does not compile is refused with InvalidOption. Integers of any
-    /// width are accepted where they fit.
+    /// seed (t), stop (as), model (s, a name from Models; the default model when absent), and
+    /// at most one of json_schema (s, a JSON schema the text must match), regex (s, a regular
+    /// expression the whole text matches) and grammar (s, a Lark grammar as llguidance reads
+    /// it): the text then ends (reason "stop") when its match is complete, and one that does
+    /// not compile is refused with InvalidOption. Integers of any width are accepted where
+    /// they fit.
     #[zbus(out_args("request"))]
     async fn generate(
         &self,
@@ -187,7 +210,7 @@ impl Llm1 {
         #[zbus(header)] header: Header<'_>,
     ) -> Result<(String, HashMap<String, OwnedVariant>), Llm1Error> {
         let client = caller(&header)?;
-        let (_, mut events) = self
+        let (_, model, mut events) = self
             .submit(&client, BusPrompt::Text(prompt), &options)
             .await?;
         let mut text = String::new();
@@ -198,7 +221,7 @@ impl Llm1 {
                     if let Some(error) = &finished.error {
                         return Err(Llm1Error::Internal(error.clone()));
                     }
-                    return Ok((text, owned(stats(&finished))?));
+                    return Ok((text, owned(stats(&finished, &model))?));
                 }
             }
         }
@@ -229,16 +252,17 @@ impl Llm1 {
     /// The token ids Generate would feed the model for this prompt.
     #[zbus(out_args("tokens"))]
     async fn tokenize(&self, text: String) -> Result<Vec<u32>, Llm1Error> {
-        let side = Arc::clone(&self.text);
-        blocking(move || request::encode_prompt(&side, &text)).await
+        let models = Arc::clone(&self.models);
+        blocking(move || request::encode_prompt(&*model_text(&models, None)?, &text)).await
     }
 
     /// The text of token ids; special tokens are left out.
     #[zbus(out_args("text"))]
     async fn detokenize(&self, tokens: Vec<u32>) -> Result<String, Llm1Error> {
-        let side = Arc::clone(&self.text);
+        let models = Arc::clone(&self.models);
         blocking(move || {
-            side.tokenizer()
+            model_text(&models, None)?
+                .tokenizer()
                 .decode(&tokens, true)
                 .map(|text| wire_text(&text).into_owned())
                 .map_err(|e| match e {
@@ -258,7 +282,7 @@ impl Llm1 {
     ) -> zbus::Result<()>;
 
     /// A request's end, sent exactly once per request. reason: stop, length, cancelled,
-    /// disconnected, shutdown or error. stats: prompt_tokens (u), reused_tokens (u),
+    /// disconnected, shutdown or error. stats: model (s), prompt_tokens (u), reused_tokens (u),
     /// generated_tokens (u), prefill_tokens_per_s (d), decode_tokens_per_s (d),
     /// constraint_ms_per_token (d) when the request had a json_schema, regex or grammar, and
     /// error (s) when reason is error.
@@ -270,23 +294,67 @@ impl Llm1 {
         stats: HashMap<&str, Variant<'_>>,
     ) -> zbus::Result<()>;
 
-    /// The model's name, from its bundle.
-    #[zbus(property(emits_changed_signal = "const"))]
+    /// The default model's name (the one a request without the model option gets); empty
+    /// when no model is installed.
+    #[zbus(property(emits_changed_signal = "false"))]
     fn model(&self) -> String {
-        self.text.model_name().to_owned()
+        self.default_model().map(|m| m.name).unwrap_or_default()
     }
 
-    /// The most tokens (prompt and generated) one request can hold.
-    #[zbus(property(emits_changed_signal = "const"))]
+    /// The most tokens (prompt and generated) one request to the default model can hold; 0
+    /// without a model.
+    #[zbus(property(emits_changed_signal = "false"))]
     fn context_length(&self) -> u32 {
-        u32::try_from(self.text.context_length()).unwrap_or(u32::MAX)
+        self.default_model()
+            .map_or(0, |m| u32::try_from(m.context_length).unwrap_or(u32::MAX))
     }
 
-    /// How the weights are stored: fp8_e4m3fn (fp8_e4m3fn/blockN with per-block scales), f16
-    /// or f32.
-    #[zbus(property(emits_changed_signal = "const"))]
+    /// How the default model's weights are stored: fp8_e4m3fn (fp8_e4m3fn/blockN with
+    /// per-block scales), f16 or f32; empty without a model.
+    #[zbus(property(emits_changed_signal = "false"))]
     fn quantization(&self) -> String {
-        self.text.quantization()
+        self.default_model()
+            .map(|m| m.quantization)
+            .unwrap_or_default()
+    }
+
+    /// The installed models, the default first: (name, quantization, context length, size
+    /// of the bundle's files in bytes).
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn models(&self) -> Vec<(String, String, u32, u64)> {
+        self.models
+            .list()
+            .into_iter()
+            .map(|m| {
+                let context = u32::try_from(m.context_length).unwrap_or(u32::MAX);
+                (m.name, m.quantization, context, m.size_bytes)
+            })
+            .collect()
+    }
+
+    /// The model whose weights are resident; empty when none is.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn loaded_model(&self) -> String {
+        self.scheduler.status().loaded_model.unwrap_or_default()
+    }
+
+    /// no-model (nothing installed: generation fails with NoModel), unloaded (no model
+    /// resident), loading, idle (a model resident, nothing running) or generating.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn state(&self) -> String {
+        let status = self.scheduler.status();
+        let state = if status.running {
+            state::GENERATING
+        } else if status.loading {
+            state::LOADING
+        } else if status.loaded_model.is_some() {
+            state::IDLE
+        } else if self.default_model().is_err() {
+            state::NO_MODEL
+        } else {
+            state::UNLOADED
+        };
+        state.to_owned()
     }
 
     /// Requests waiting or running, over all clients.
@@ -302,10 +370,33 @@ impl Llm1 {
     }
 }
 
+impl Llm1 {
+    fn default_model(&self) -> Result<ModelInfo, ModelsError> {
+        self.models.default_model()
+    }
+}
+
+/// The text side of the model `name` (the default when `None`), read at its first use.
+fn model_text(models: &Models, name: Option<&str>) -> Result<Arc<TextSide>, Llm1Error> {
+    let model = models.find(name).map_err(models_error)?;
+    models.text(&model).map_err(models_error)
+}
+
+fn models_error(e: ModelsError) -> Llm1Error {
+    match e {
+        ModelsError::NoModel(_) | ModelsError::DefaultMissing(_) => {
+            Llm1Error::NoModel(e.to_string())
+        }
+        ModelsError::Unknown { .. } => Llm1Error::InvalidOption(format!("option `model`: {e}")),
+        ModelsError::Bundle { .. } | ModelsError::Text { .. } => Llm1Error::Internal(e.to_string()),
+    }
+}
+
 /// Sends a request's events as signals, in order, after its handle has been replied.
 async fn forward(
     emitter: SignalEmitter<'static>,
     path: OwnedObjectPath,
+    model: String,
     reply_sent: ResponseDispatchListener,
     mut events: mpsc::Receiver<Event>,
     _guard: StreamGuard,
@@ -319,7 +410,7 @@ async fn forward(
                     &emitter,
                     path.as_ref(),
                     finished.reason.as_str(),
-                    stats(finished),
+                    stats(finished, &model),
                 )
                 .await
             }
@@ -345,8 +436,11 @@ fn wire_text(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// The figures of a finished request, as `Finished` and `Complete` report them.
-fn stats(finished: &RequestEnd) -> HashMap<&'static str, Variant<'static>> {
-    let mut stats = HashMap::from([("reason", Variant::from(finished.reason.as_str()))]);
+fn stats(finished: &RequestEnd, model: &str) -> HashMap<&'static str, Variant<'static>> {
+    let mut stats = HashMap::from([
+        ("reason", Variant::from(finished.reason.as_str())),
+        ("model", Variant::from(model.to_owned())),
+    ]);
     if let Some(outcome) = &finished.outcome {
         let count = |n: usize| Variant::U32(u32::try_from(n).unwrap_or(u32::MAX));
         stats.insert("prompt_tokens", count(outcome.prompt_tokens));

@@ -44,10 +44,11 @@ impl RequestOptions {
                 }
                 "regex" => constrain(&mut parsed, ConstraintSpec::Regex(string(key, value)?))?,
                 "grammar" => constrain(&mut parsed, ConstraintSpec::Grammar(string(key, value)?))?,
+                "model" => parsed.model = Some(string(key, value)?),
                 _ => {
                     return Err(Llm1Error::InvalidOption(format!(
-                        "unknown option `{key}` (known: max_tokens, temperature, top_k, top_p, \
-                         min_p, repeat_penalty, seed, stop, json_schema, regex, grammar)"
+                        "unknown option `{key}` (known: model, max_tokens, temperature, top_k, \
+                         top_p, min_p, repeat_penalty, seed, stop, json_schema, regex, grammar)"
                     )));
                 }
             }
@@ -187,6 +188,7 @@ mod tests {
             ("temperature", Variant::I32(1)),
             ("top_p", Variant::F64(0.9)),
             ("stop", Variant::from(vec!["\n\n", "User:"])),
+            ("model", Variant::from("smollm2")),
         ]))
         .unwrap();
         assert_eq!(parsed.max_tokens, Some(64));
@@ -195,6 +197,7 @@ mod tests {
         assert_eq!(parsed.temperature, Some(1.0));
         assert_eq!(parsed.top_p, Some(0.9));
         assert_eq!(parsed.stop, vec!["\n\n".to_owned(), "User:".to_owned()]);
+        assert_eq!(parsed.model.as_deref(), Some("smollm2"));
     }
 
     #[test]
@@ -213,6 +216,8 @@ mod tests {
             ("stop", Variant::from(vec![1u32, 2])),
             ("stop", Variant::from(vec![""])),
             ("stop", Variant::from(vec!["x"; MAX_STOP_STRINGS + 1])),
+            ("model", Variant::U32(1)),
+            ("model", Variant::from("")),
         ];
         for (key, value) in cases {
             let shown = format!("{value:?}");

@@ -102,6 +102,32 @@ impl Daemon {
 
     /// Like [`Daemon::start`], as `user` (with its groups) when given.
     pub fn start_as(dir: &Path, address: &str, extra: &[&str], user: Option<&str>) -> Daemon {
+        let bundle = tiny_bundle(Kind::Fp8).to_string_lossy().into_owned();
+        Daemon::spawn(
+            dir,
+            address,
+            &[&["--bundle", &bundle], extra].concat(),
+            user,
+        )
+    }
+
+    /// Like [`Daemon::start`], serving the models found in `models_dir` alone (no `--bundle`).
+    pub fn start_with_models(
+        dir: &Path,
+        address: &str,
+        models_dir: &Path,
+        extra: &[&str],
+    ) -> Daemon {
+        let models_dir = models_dir.to_string_lossy().into_owned();
+        Daemon::spawn(
+            dir,
+            address,
+            &[&["--models-dir", &models_dir], extra].concat(),
+            None,
+        )
+    }
+
+    fn spawn(dir: &Path, address: &str, args: &[&str], user: Option<&str>) -> Daemon {
         let notify_path = dir.join("notify.socket");
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).expect("binding the notify socket");
@@ -128,11 +154,9 @@ impl Daemon {
             .arg("serve")
             .arg("--config")
             .arg(dir.join("no-config.toml"))
-            .arg("--bundle")
-            .arg(tiny_bundle(Kind::Fp8))
             .arg("--address")
             .arg(address)
-            .args(extra)
+            .args(args)
             .env("NOTIFY_SOCKET", &notify_path)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The amd64 .deb in a Debian bookworm booted with systemd as PID 1 (systemd-nspawn, one
-# throw-away boot over the cached rootfs of rootfs.sh): it installs without enabling or
-# starting anything; `systemctl start` reaches active through READY=1 and the daemon runs as
+# The amd64 .deb and the model package in a Debian bookworm booted with systemd as PID 1
+# (systemd-nspawn, one throw-away boot over the cached rootfs of rootfs.sh): they install
+# without enabling or starting anything; `marengoctl chat` then answers with the packaged model
+# and no configuration at all; `systemctl start` reaches active through READY=1 and the daemon runs as
 # marengo; over the real system bus a member of the group marengo gets an answer and another
 # user is refused; D-Bus activation starts the stopped service on a call; `systemctl stop`
 # mid-generation ends the stream with reason "shutdown"; `dpkg --purge` leaves no file, user
@@ -11,6 +12,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 deb="$(deb_of amd64)"
+model_deb="$(model_deb)"
 rootfs="$("$repo/tests/packaging/rootfs.sh")"
 work="$(mktemp -d)"
 chmod 755 "$work"
@@ -37,6 +39,7 @@ trap cleanup EXIT
 
 # What the container gets from here, read-only under /mnt/marengo-test.
 cp "$deb" "$work/marengo.deb"
+cp "$model_deb" "$work/marengo-model-smollm2.deb"
 "$repo/tests/packaging/tiny-bundle.sh" "$work/bundle" >/dev/null
 chmod -R a+rX "$work/bundle"
 
@@ -100,11 +103,14 @@ inside useradd --create-home bob
 snapshot > "$work/before"
 
 check "dpkg -i installs the package" inside dpkg -i /mnt/marengo-test/marengo.deb
+check "dpkg -i installs the model package" \
+    inside dpkg -i /mnt/marengo-test/marengo-model-smollm2.deb
 snapshot > "$work/installed"
 # The snapshots see what the package adds, so that an empty difference after purge means something.
 listed() {
     local path
-    for path in /usr/bin/marengod /etc/marengo/marengod.toml /var/lib/marengo/models; do
+    for path in /usr/bin/marengod /etc/marengo/marengod.toml /var/lib/marengo/models \
+        /usr/share/marengo/models/smollm2/bundle.json; do
         grep -qx "$path" "$work/installed" || { echo "$path not in the snapshot"; return 1; }
     done
 }
@@ -121,6 +127,22 @@ check "the bundle directory exists" inside test -d /var/lib/marengo/models
 check "the config is a conffile" contains /etc/marengo/marengod.toml \
     inside dpkg-query -W -f='${Conffiles}' marengo
 
+# The first run: nothing configured, no bundle copied. The call starts the service through
+# D-Bus activation, and it serves the packaged model.
+chat_out_of_the_box() {
+    local answer
+    answer="$(inside sh -c 'echo "What is the capital of France?" |
+        timeout 300 marengoctl chat --temperature 0 --max-tokens 16')" ||
+        { inside journalctl -u marengod --no-pager; return 1; }
+    echo "answer: $answer"
+    [[ -n "${answer//[[:space:]]/}" ]]
+}
+check "marengoctl chat answers with the packaged model and no configuration" chat_out_of_the_box
+check "marengoctl models lists the packaged model as the default, loaded" \
+    contains "default, loaded" inside marengoctl models
+inside systemctl stop marengod.service
+
+# From here on the tiny bundle, the first models directory's, is the default: quick answers.
 inside cp -r /mnt/marengo-test/bundle /var/lib/marengo/models/default
 inside usermod -a -G marengo alice
 
@@ -158,14 +180,12 @@ check "root gets an answer" contains 'sa{sv} "' complete_as root
 check "another user is refused by the bus" fails_with "Access denied" complete_as bob
 echo "memory after a request: $(rss "$(main_pid)")"
 
-# A session bus without a systemd user manager runs the activation file's Exec= line, which
-# reads the user's ~/.config/marengo/marengod.toml. The bus (and so the daemon it starts)
+# A session bus without a systemd user manager runs the activation file's Exec= line; with no
+# settings file of the user's, it serves the models of the system's models directories. The bus (and so the daemon it starts)
 # writes to /dev/null, so that a daemon outliving its session cannot hold this check's pipe;
 # it must not outlive it, which is checked next.
 session_activated() {
     as bob env HOME=/home/bob sh -c '
-        mkdir -p ~/.config/marengo &&
-        echo "bundle = \"/var/lib/marengo/models/default\"" > ~/.config/marengo/marengod.toml &&
         out="$(mktemp)" &&
         timeout 120 dbus-run-session -- sh -c "busctl --user call org.marengo.Llm1 \
             /org/marengo/Llm1 org.marengo.Llm1 Complete \"sa{sv}\" \"Once upon a time\" 1 \
@@ -221,7 +241,7 @@ stopped_mid_generation() {
 check "systemctl stop mid-generation ends the stream with reason shutdown" stopped_mid_generation
 
 purged() {
-    inside dpkg --purge marengo || return 1
+    inside dpkg --purge marengo-model-smollm2 marengo || return 1
     snapshot > "$work/after"
     diff "$work/before" "$work/after"
 }

@@ -88,6 +88,17 @@ fails_with() {
     grep -qF -- "$needle" <<<"$out"
 }
 
+# model_deb: the one model package (architecture all) in $debs.
+model_deb() {
+    local found
+    found=("$debs"/marengo-model-smollm2_*_all.deb)
+    if [[ ${#found[@]} -ne 1 || ! -f "${found[0]}" ]]; then
+        echo "no single marengo-model-smollm2_*_all.deb in $debs (run packaging/build-debs.sh)" >&2
+        return 1
+    fi
+    echo "${found[0]}"
+}
+
 # The one .deb of ARCH in $debs.
 deb_of() {
     local arch="$1" found

@@ -25,6 +25,7 @@ Exit codes:
   5    the prompt does not fit the model's context (ContextOverflow)
   6    the service is busy; retry later (Busy)
   7    the generation failed in the service (Internal, or Finished with reason \"error\")
+  8    the service has no model installed (NoModel)
   130  interrupted with Ctrl-C";
 
 #[derive(Parser)]
@@ -36,7 +37,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct BusArgs {
     /// The system bus, where the packaged service runs (the default).
     #[arg(long, global = true, conflicts_with_all = ["session", "address"])]
@@ -70,12 +71,18 @@ enum Command {
     },
     /// Show the model and the service's state.
     Status,
+    /// List the installed models: the default first, and which one is loaded.
+    #[command(alias = "list", alias = "ps")]
+    Models,
     /// Print the token ids of TEXT ("-" for stdin), as Generate feeds them to the model.
     Tokenize { text: String },
 }
 
 #[derive(Args, Clone, Default)]
 struct GenerationArgs {
+    /// The model, by name (`marengoctl models` lists them) [default: the service's default].
+    #[arg(long, short = 'm', value_name = "NAME")]
+    model: Option<String>,
     /// Most tokens to generate.
     #[arg(long, short = 'n', value_name = "N")]
     max_tokens: Option<u32>,
@@ -118,6 +125,9 @@ struct GenerationArgs {
 impl GenerationArgs {
     fn options(&self) -> HashMap<&'static str, Variant<'_>> {
         let mut options = HashMap::new();
+        if let Some(model) = &self.model {
+            options.insert("model", Variant::from(model.as_str()));
+        }
         if let Some(n) = self.max_tokens {
             options.insert("max_tokens", Variant::U32(n));
         }
@@ -166,6 +176,8 @@ enum CtlError {
     Busy(String),
     #[error("the generation failed: {0}")]
     Generation(String),
+    #[error("{0}")]
+    NoModel(String),
     #[error("interrupted")]
     Interrupted,
     #[error(transparent)]
@@ -181,6 +193,7 @@ impl CtlError {
             CtlError::ContextOverflow(_) => 5,
             CtlError::Busy(_) => 6,
             CtlError::Generation(_) => 7,
+            CtlError::NoModel(_) => 8,
             CtlError::Interrupted => 130,
         }
     }
@@ -193,6 +206,7 @@ impl From<Llm1Error> for CtlError {
             Llm1Error::ContextOverflow(m) => CtlError::ContextOverflow(m),
             Llm1Error::Busy(m) => CtlError::Busy(m),
             Llm1Error::Internal(m) => CtlError::Generation(m),
+            Llm1Error::NoModel(m) => CtlError::NoModel(m),
             Llm1Error::NotFound(m) | Llm1Error::AccessDenied(m) => {
                 CtlError::Other(anyhow::anyhow!(m))
             }
@@ -230,8 +244,35 @@ fn is_unreachable(error_name: &str) -> bool {
     .contains(&error_name)
 }
 
+/// What to check after a failure a user can fix outside marengoctl, for the bus asked for.
+fn hint(error: &CtlError, bus: &BusArgs) -> Option<String> {
+    let system = bus.address.is_none() && !bus.session;
+    match error {
+        CtlError::Unreachable(_) if system => Some(
+            "is marengod running? `systemctl status marengod` and `journalctl -u marengod` \
+             say why not. Only root and the group `marengo` may call it: `sudo adduser $USER \
+             marengo`, then log in again. Or run your own with --session."
+                .into(),
+        ),
+        CtlError::Unreachable(_) if bus.session => Some(
+            "is a session daemon running? `systemctl --user status marengod` and \
+             `journalctl --user -u marengod` say why not."
+                .into(),
+        ),
+        CtlError::NoModel(_) => Some(
+            "a model is a bundle directory NAME under /var/lib/marengo/models or \
+             /usr/share/marengo/models (and, for a --session daemon, \
+             ~/.local/share/marengo/models); it must be readable by the daemon's user. \
+             `marengoctl models` lists what the daemon finds."
+                .into(),
+        ),
+        _ => None,
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let bus = cli.bus.clone();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -247,6 +288,9 @@ fn main() -> ExitCode {
         Err(e) => {
             if !matches!(e, CtlError::Interrupted) {
                 eprintln!("marengoctl: {e}");
+            }
+            if let Some(hint) = hint(&e, &bus) {
+                eprintln!("hint: {hint}");
             }
             ExitCode::from(e.exit_code())
         }
@@ -266,6 +310,7 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             options,
         } => chat(&connection, &proxy, system_prompt, &options).await,
         Command::Status => status(&connection, &proxy).await,
+        Command::Models => models(&proxy).await,
         Command::Tokenize { text } => {
             let text = if text == "-" { read_stdin()? } else { text };
             let ids = proxy.tokenize(&text).await?;
@@ -526,4 +571,51 @@ async fn status(connection: &Connection, proxy: &Llm1Proxy<'_>) -> Result<(), Ct
 /// The contents of the file a flag names, read when the flags are parsed.
 fn read_file(path: &str) -> Result<String, String> {
     std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))
+/// The models as `ollama list` and `ollama ps` show them together: one line each, the default
+/// first, the resident one marked.
+async fn models(proxy: &Llm1Proxy<'_>) -> Result<(), CtlError> {
+    let models = proxy.models().await?;
+    if models.is_empty() {
+        return Err(CtlError::NoModel(
+            "the service has no model installed".into(),
+        ));
+    }
+    let default = proxy.model().await?;
+    let loaded = proxy.loaded_model().await?;
+    let width = models.iter().map(|m| m.0.len()).max().unwrap_or(0).max(4);
+    println!(
+        "{:width$}  {:14}  {:>7}  {:>9}  STATE",
+        "NAME", "QUANTIZATION", "CONTEXT", "SIZE"
+    );
+    for (name, quantization, context, size) in &models {
+        let mut state = Vec::new();
+        if *name == default {
+            state.push("default");
+        }
+        if *name == loaded {
+            state.push("loaded");
+        }
+        println!(
+            "{name:width$}  {quantization:14}  {context:>7}  {:>9}  {}",
+            human_size(*size),
+            state.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Bytes in decimal units, as `ollama list` and `df -H` show sizes.
+fn human_size(bytes: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < units.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", units[unit])
+    }
 }

@@ -75,10 +75,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_env_filter(marengo::systemd::log_filter("warn"))
         .with_writer(std::io::stderr)
         .init();
     let load_start = Instant::now();
@@ -113,6 +110,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         seed: args.seed,
         stop: args.stop,
         constraint,
+        model: None,
     };
     let request = engine
         .text()

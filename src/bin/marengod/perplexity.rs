@@ -38,10 +38,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_env_filter(marengo::systemd::log_filter("warn"))
         .with_writer(std::io::stderr)
         .init();
     let text = std::fs::read_to_string(&args.file)
