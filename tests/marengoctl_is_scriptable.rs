@@ -154,7 +154,7 @@ async fn answer(
 }
 
 /// A scripted chat: /system, /set (taken, refused by the service, then taken), three long
-/// turns of which two fit the context, /clear and a last turn. Every answer must be the one
+/// turns of which two fit the context, /clear and a last turn continued on a second line. Every answer must be the one
 /// the service gives to the conversation the client should have sent.
 async fn chat_commands_and_sliding(address: &str, connection: &Connection, llm: &Llm1Proxy<'_>) {
     let context = llm.context_length().await.expect("ContextLength") as usize;
@@ -177,8 +177,17 @@ async fn chat_commands_and_sliding(address: &str, connection: &Connection, llm: 
             && 2 * counts.iter().max().copied().unwrap_or(0) + 64 < context,
         "turns of {counts:?} tokens do not make two turns fit a context of {context} and three not"
     );
+    // The tiny bundle's Mistral template refuses system messages: /system shows as the
+    // template's refusal; removed again, the chat goes on.
+    let refused = marengoctl(address, &["chat"], Some(&format!("/system {system}\nHi\n")));
+    assert_eq!(refused.status.code(), Some(4));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("must alternate user/assistant"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
     let script = format!(
-        "/system {system}\n/set max_tokens 4\n/set temperature 20\n/set temprature 0.5\n\
+        "/system {system}\n/system\n/set max_tokens 4\n/set temperature 20\n/set temprature 0.5\n\
          /set temperature 0\n{}\n{}\n{}\n/clear\nHi \\\nthere!\n",
         long[0], long[1], long[2]
     );
@@ -186,18 +195,11 @@ async fn chat_commands_and_sliding(address: &str, connection: &Connection, llm: 
     let transcript = stdout(&output);
     let log = String::from_utf8_lossy(&output.stderr);
 
-    let first = answer(
-        connection,
-        llm,
-        &[("system", system), ("user", &long[0])],
-        4,
-    )
-    .await;
+    let first = answer(connection, llm, &[("user", &long[0])], 4).await;
     let second = answer(
         connection,
         llm,
         &[
-            ("system", system),
             ("user", &long[0]),
             ("assistant", &first),
             ("user", &long[1]),
@@ -209,7 +211,6 @@ async fn chat_commands_and_sliding(address: &str, connection: &Connection, llm: 
         connection,
         llm,
         &[
-            ("system", system),
             ("user", &long[1]),
             ("assistant", &second),
             ("user", &long[2]),
@@ -217,13 +218,7 @@ async fn chat_commands_and_sliding(address: &str, connection: &Connection, llm: 
         4,
     )
     .await;
-    let after_clear = answer(
-        connection,
-        llm,
-        &[("system", system), ("user", "Hi \nthere!")],
-        4,
-    )
-    .await;
+    let after_clear = answer(connection, llm, &[("user", "Hi \nthere!")], 4).await;
     assert_eq!(
         transcript,
         format!("{first}\n\n{second}\n\n{third}\n\n{after_clear}\n\n"),
