@@ -8,7 +8,8 @@
 #
 # The release binaries are built first (a no-op when .ci/run already built them): amd64 with
 # the default toolchain, arm64 with the Debian cross toolchain of .ci/aarch64.sh. Man pages are
-# made from the binaries' --help by help2man, so they say what the programs say.
+# made from the binaries' --help by help2man, so they say what the programs say; marengoctl
+# writes its own man pages and shell completions from its command-line definition.
 # Needs .ci/packaging-deps.sh (cargo-deb, lintian, help2man) and, for arm64, .ci/aarch64.sh;
 # the model package needs the GGUF that .ci/smollm2.sh caches (it downloads it once).
 set -euo pipefail
@@ -39,11 +40,20 @@ man_pages() {
     mkdir -p "$man"
     man_page "$bin/marengod" 8 "on-device text generation service over D-Bus" \
         "$repo/packaging/man/marengod.h2m" > "$man/marengod.8"
-    man_page "$bin/marengoctl" 1 "client of the marengo text generation service" \
-        "$repo/packaging/man/marengoctl.h2m" > "$man/marengoctl.1"
     man_page "$bin/marengo-export" 1 "turn model checkpoints into marengo bundles" \
         "$repo/packaging/man/marengo-export.h2m" > "$man/marengo-export.1"
-    gzip -9nf "$man/marengod.8" "$man/marengoctl.1" "$man/marengo-export.1"
+    rm -f "$man"/marengoctl*.1*
+    "$bin/marengoctl" man-pages "$man"
+    gzip -9nf "$man/marengod.8" "$man"/marengoctl*.1 "$man/marengo-export.1"
+}
+
+# Where Cargo.toml's assets name them; the arm64 package ships the same scripts.
+completions() {
+    local dir="$repo/target/completions" bin="$target_dir/release"
+    mkdir -p "$dir"
+    "$bin/marengoctl" completions bash > "$dir/marengoctl"
+    "$bin/marengoctl" completions zsh > "$dir/_marengoctl"
+    "$bin/marengoctl" completions fish > "$dir/marengoctl.fish"
 }
 
 # man_page BINARY SECTION NAME INCLUDE: help2man's page for BINARY, with a COMMANDS section
@@ -108,6 +118,7 @@ model_package() {
 
 build_amd64
 man_pages
+completions
 mkdir -p "$out"
 for arch in "${archs[@]}"; do
     [[ "$arch" != arm64 ]] || build_arm64

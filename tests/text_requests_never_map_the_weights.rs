@@ -1,6 +1,6 @@
 //! What needs only the text side — `Tokenize`, `Detokenize`, the properties, `marengoctl
-//! status` and `marengoctl tokenize` — is answered after an idle unload without mapping the
-//! model's weights again.
+//! status [--json]`, `marengoctl tokenize` and `marengoctl detokenize` — is answered after an
+//! idle unload without mapping the model's weights again.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -71,6 +71,11 @@ async fn tokenize_detokenize_properties_and_status_after_an_idle_unload() {
     let listed = marengoctl(&bus.address, &["tokenize", "hello world"]);
     let expected: Vec<String> = tokens_before.iter().map(u32::to_string).collect();
     assert_eq!(listed, format!("{}\n", expected.join(" ")));
+    let json = marengoctl(&bus.address, &["status", "--json"]);
+    assert!(json.contains("\"context_length\""), "{json}");
+    let ids: Vec<&str> = expected.iter().map(String::as_str).collect();
+    let detokenized = marengoctl(&bus.address, &[&["detokenize"], &ids[..]].concat());
+    assert_eq!(detokenized, "hello world\n");
 
     assert!(
         !weights_mapped(&daemon),

@@ -1,6 +1,9 @@
 //! `marengoctl`: the command-line client of marengod, the way `ollama run` is ollama's.
 
 use std::collections::HashMap;
+mod chat;
+mod docs;
+
 use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
 
@@ -8,7 +11,6 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
 use marengo_client::{BUS_NAME, Llm1Error, Llm1Proxy};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use zbus::connection::Builder;
 use zbus::message::Type as MessageType;
 use zbus::{
@@ -28,8 +30,24 @@ Exit codes:
   8    the service has no model installed (NoModel)
   130  interrupted with Ctrl-C";
 
+/// Shown by --help and in the man page, after the exit codes.
+const FILES: &str = "\
+Files:
+  $XDG_STATE_HOME/marengo/chat_history
+       the chat's history (~/.local/state/marengo/chat_history without XDG_STATE_HOME)
+  /usr/share/dbus-1/interfaces/org.marengo.Llm1.xml
+       the D-Bus interface marengoctl calls
+
+See also: marengod(8), marengo-export(1)";
+
 #[derive(Parser)]
-#[command(name = "marengoctl", version, about = "Talk to marengod over D-Bus", after_help = EXIT_CODES)]
+#[command(
+    name = "marengoctl",
+    version,
+    about = "Talk to marengod over D-Bus",
+    after_help = EXIT_CODES,
+    after_long_help = format!("{EXIT_CODES}\n\n{FILES}")
+)]
 struct Cli {
     #[command(flatten)]
     bus: BusArgs,
@@ -59,9 +77,15 @@ enum Command {
         #[command(flatten)]
         options: GenerationArgs,
     },
-    /// Chat with the model. On a terminal: type a message, Enter sends it, Ctrl-C stops the
-    /// answer, Ctrl-D or /bye ends. Otherwise each stdin line is one user turn and each
-    /// answer is printed followed by an empty line.
+    /// Chat with the model.
+    ///
+    /// On a terminal: type a message, Enter sends it (a final \ or a
+    /// """ block goes on on the next line), Up and Down recall earlier messages (kept in
+    /// $XDG_STATE_HOME/marengo/chat_history), Ctrl-C stops the answer, Ctrl-D or /bye ends;
+    /// /help lists the commands (/set, /system, /clear). Otherwise each stdin line is one
+    /// user turn (with the same continuations and commands) and each answer is printed
+    /// followed by an empty line. When the conversation outgrows the model's context, its
+    /// oldest exchanges are dropped, the system message kept.
     Chat {
         /// A system message to start the conversation with.
         #[arg(long, value_name = "TEXT")]
@@ -69,13 +93,38 @@ enum Command {
         #[command(flatten)]
         options: GenerationArgs,
     },
+    /// Continue PROMPT and print the text once it is whole (the Complete call).
+    Complete {
+        /// The prompt, or "-" to read it from stdin.
+        prompt: String,
+        #[command(flatten)]
+        options: GenerationArgs,
+    },
     /// Show the model and the service's state.
-    Status,
+    Status {
+        /// As one JSON object, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the installed models: the default first, and which one is loaded.
     #[command(alias = "list", alias = "ps")]
     Models,
     /// Print the token ids of TEXT ("-" for stdin), as Generate feeds them to the model.
     Tokenize { text: String },
+    /// Print the text of token IDS ("-" to read them from stdin); special tokens are left out.
+    Detokenize {
+        #[arg(required = true, num_args = 1.., value_name = "IDS")]
+        ids: Vec<String>,
+    },
+    /// Print SHELL's completion script, e.g. `marengoctl completions bash > marengoctl`.
+    Completions {
+        #[arg(value_enum)]
+        shell: docs::Shell,
+    },
+    /// Write the man pages (marengoctl.1, marengoctl-chat.1, …) into DIR, as the package
+    /// installs them.
+    #[command(hide = true)]
+    ManPages { dir: std::path::PathBuf },
 }
 
 #[derive(Args, Clone, Default)]
@@ -298,6 +347,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), CtlError> {
+    match cli.command {
+        Command::Completions { shell } => return Ok(docs::completions(shell)?),
+        Command::ManPages { dir } => return Ok(docs::man_pages(&dir)?),
+        _ => {}
+    }
     let connection = connect(&cli.bus).await?;
     let proxy = Llm1Proxy::new(&connection).await?;
     match cli.command {
@@ -308,8 +362,15 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Chat {
             system_prompt,
             options,
-        } => chat(&connection, &proxy, system_prompt, &options).await,
-        Command::Status => status(&connection, &proxy).await,
+        } => {
+            let interactive = std::io::stdin().is_terminal();
+            chat::chat(&connection, &proxy, system_prompt, &options, interactive).await
+        }
+        Command::Complete { prompt, options } => {
+            let prompt = if prompt == "-" { read_stdin()? } else { prompt };
+            complete(&proxy, &prompt, &options).await
+        }
+        Command::Status { json } => status(&connection, &proxy, json).await,
         Command::Models => models(&proxy).await,
         Command::Tokenize { text } => {
             let text = if text == "-" { read_stdin()? } else { text };
@@ -318,6 +379,27 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             println!("{}", ids.join(" "));
             Ok(())
         }
+        Command::Detokenize { ids } => {
+            let ids = if ids == ["-"] {
+                read_stdin()?
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect()
+            } else {
+                ids
+            };
+            let ids = ids
+                .iter()
+                .map(|id| {
+                    id.parse::<u32>()
+                        .map_err(|_| CtlError::Refused(format!("{id:?} is not a token id")))
+                })
+                .collect::<Result<Vec<u32>, CtlError>>()?;
+            println!("{}", proxy.detokenize(&ids).await?);
+            Ok(())
+        }
+        // Answered above, without a connection.
+        Command::Completions { .. } | Command::ManPages { .. } => Ok(()),
     }
 }
 
@@ -453,102 +535,45 @@ fn format_stats(ending: &Ending) -> String {
         if key == "reason" {
             continue;
         }
-        let value: &Variant<'_> = &ending.stats[key];
-        let shown = match value {
-            Variant::F64(x) => format!("{x:.2}"),
-            Variant::U32(n) => n.to_string(),
-            Variant::U64(n) => n.to_string(),
-            Variant::I64(n) => n.to_string(),
-            Variant::Str(s) => format!("{:?}", s.as_str()),
-            other => other.to_string(),
-        };
-        line.push_str(&format!(" {key}={shown}"));
+        line.push_str(&format!(" {key}={}", show(&ending.stats[key])));
     }
     line
 }
 
-async fn chat(
-    connection: &Connection,
-    proxy: &Llm1Proxy<'_>,
-    system_prompt: Option<String>,
-    args: &GenerationArgs,
-) -> Result<(), CtlError> {
-    let interactive = std::io::stdin().is_terminal();
-    let mut history: Vec<(String, String)> = Vec::new();
-    if let Some(system) = system_prompt {
-        history.push(("system".into(), system));
-    }
-    let mut signals = subscribe(connection).await?;
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    loop {
-        if interactive {
-            eprint!(">>> ");
-        }
-        let line = tokio::select! {
-            line = lines.next_line() => line.context("cannot read stdin")?,
-            _ = tokio::signal::ctrl_c(), if interactive => {
-                eprintln!("\n(Ctrl-D or /bye ends the chat)");
-                continue;
-            }
-        };
-        let Some(line) = line else {
-            if interactive {
-                eprintln!();
-            }
-            return Ok(());
-        };
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
-        if interactive && line == "/bye" {
-            return Ok(());
-        }
-        history.push(("user".into(), line.to_owned()));
-        let messages: Vec<(&str, &str)> = history
-            .iter()
-            .map(|(role, content)| (role.as_str(), content.as_str()))
-            .collect();
-        let path = match proxy.chat(&messages, args.options()).await {
-            Ok(path) => path,
-            Err(e) => {
-                history.pop();
-                return Err(e.into());
-            }
-        };
-        let mut answer = String::new();
-        let mut stdout = std::io::stdout();
-        let mut write = |text: &str| {
-            answer.push_str(text);
-            let _ = stdout
-                .write_all(text.as_bytes())
-                .and_then(|()| stdout.flush());
-        };
-        let (ending, interrupted) = follow(proxy, &mut signals, &path, &mut write).await?;
-        println!();
-        if !interactive {
-            println!();
-        }
-        if args.stats {
-            eprintln!("{}", format_stats(&ending));
-        }
-        match ending.reason.as_str() {
-            "stop" | "length" if !interrupted => history.push(("assistant".into(), answer)),
-            "error" => return finish(&ending, false, false),
-            _ => {
-                // A cut-off answer is not part of the conversation; the user may ask again.
-                history.pop();
-                if interactive {
-                    eprintln!("({})", ending.reason);
-                } else {
-                    return finish(&ending, false, interrupted);
-                }
-            }
-        }
+/// A value as a shell user would type it: numbers bare, strings quoted.
+fn show(value: &Variant<'_>) -> String {
+    match value {
+        Variant::F64(x) => format!("{x:.2}"),
+        Variant::U32(n) => n.to_string(),
+        Variant::U64(n) => n.to_string(),
+        Variant::I64(n) => n.to_string(),
+        Variant::Str(s) => format!("{:?}", s.as_str()),
+        other => other.to_string(),
     }
 }
 
-async fn status(connection: &Connection, proxy: &Llm1Proxy<'_>) -> Result<(), CtlError> {
+async fn complete(
+    proxy: &Llm1Proxy<'_>,
+    prompt: &str,
+    args: &GenerationArgs,
+) -> Result<(), CtlError> {
+    let (text, stats) = proxy.complete(prompt, args.options()).await?;
+    println!("{text}");
+    if args.stats {
+        let reason = stats
+            .get("reason")
+            .and_then(|v| String::try_from(v.clone()).ok())
+            .unwrap_or_default();
+        eprintln!("{}", format_stats(&Ending { reason, stats }));
+    }
+    Ok(())
+}
+
+async fn status(
+    connection: &Connection,
+    proxy: &Llm1Proxy<'_>,
+    json: bool,
+) -> Result<(), CtlError> {
     let owner = connection
         .call_method(
             Some("org.freedesktop.DBus"),
@@ -559,12 +584,32 @@ async fn status(connection: &Connection, proxy: &Llm1Proxy<'_>) -> Result<(), Ct
         )
         .await?;
     let owner: String = owner.body().deserialize()?;
+    let (version, model, quantization) = (
+        proxy.version().await?,
+        proxy.model().await?,
+        proxy.quantization().await?,
+    );
+    let (context_length, queue_length) =
+        (proxy.context_length().await?, proxy.queue_length().await?);
+    if json {
+        let status = serde_json::json!({
+            "service": BUS_NAME,
+            "owner": owner,
+            "version": version,
+            "model": model,
+            "quantization": quantization,
+            "context_length": context_length,
+            "queue_length": queue_length,
+        });
+        println!("{status}");
+        return Ok(());
+    }
     println!("service:        {BUS_NAME} ({owner})");
-    println!("version:        {}", proxy.version().await?);
-    println!("model:          {}", proxy.model().await?);
-    println!("quantization:   {}", proxy.quantization().await?);
-    println!("context length: {}", proxy.context_length().await?);
-    println!("queue length:   {}", proxy.queue_length().await?);
+    println!("version:        {version}");
+    println!("model:          {model}");
+    println!("quantization:   {quantization}");
+    println!("context length: {context_length}");
+    println!("queue length:   {queue_length}");
     Ok(())
 }
 
