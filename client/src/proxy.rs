@@ -49,6 +49,10 @@ pub trait Llm1 {
         stats: HashMap<String, OwnedVariant>,
     ) -> zbus::Result<()>;
 
+    /// What the daemon accepts and offers: `options`, `limits`, `features`.
+    #[zbus(property)]
+    fn capabilities(&self) -> zbus::Result<HashMap<String, OwnedVariant>>;
+
     #[zbus(property)]
     fn model(&self) -> zbus::Result<String>;
 

@@ -16,6 +16,7 @@ use zbus::names::BusName;
 use zbus::object_server::{ResponseDispatchListener, ResponseDispatchNotifier, SignalEmitter};
 use zbus::{Connection, ObjectPath, OwnedObjectPath, OwnedVariant, Variant, interface};
 
+use super::capabilities::{self, Limits};
 use super::request::{self, BusPrompt};
 use super::{Llm1Error, OBJECT_PATH};
 use crate::request::RequestOptions;
@@ -73,6 +74,7 @@ pub struct Llm1 {
     text: Arc<TextSide>,
     default_max_tokens: u32,
     streams: Arc<Streams>,
+    limits: Limits,
 }
 
 impl Llm1 {
@@ -82,11 +84,19 @@ impl Llm1 {
         default_max_tokens: u32,
         streams: Arc<Streams>,
     ) -> Self {
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let limits = Limits {
+            context_length: count(text.context_length()),
+            default_max_tokens,
+            queue_capacity: count(scheduler.options().queue_capacity),
+            max_queued_per_client: count(scheduler.options().max_queued_per_client),
+        };
         Self {
             scheduler,
             text,
             default_max_tokens,
             streams,
+            limits,
         }
     }
 
@@ -144,9 +154,8 @@ impl Llm1 {
 impl Llm1 {
     /// Starts generating a continuation of `prompt` and returns the request's handle.
     /// The text arrives as Token signals and the end as one Finished signal, sent to the
-    /// caller only; subscribe to them before calling. Options: max_tokens (u), temperature
-    /// (d, 0 = greedy), top_k (u, 0 = off), top_p (d), min_p (d), repeat_penalty (d),
-    /// seed (t), stop (as); integers of any width are accepted where they fit.
+    /// caller only; subscribe to them before calling. The options, their types, defaults and
+    /// ranges are in Capabilities; integers of any width are accepted where they fit.
     #[zbus(out_args("request"))]
     async fn generate(
         &self,
@@ -264,6 +273,17 @@ impl Llm1 {
         reason: &str,
         stats: HashMap<&str, Variant<'_>>,
     ) -> zbus::Result<()>;
+
+    /// What this daemon accepts and offers: "options" (a{sv}: each option's name to its
+    /// "type" (s, a D-Bus signature), "description" (s), "example" (v), "default" (v, absent
+    /// when leaving the option out draws a value) and, when bounded, "minimum" (v), "maximum"
+    /// (v), "minimum_excluded" (b) and "range" (s)), "limits" (a{sv}: context_length,
+    /// max_tokens, queue_capacity, max_queued_per_client, max_stop_strings, all u) and
+    /// "features" (as).
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn capabilities(&self) -> HashMap<String, OwnedVariant> {
+        capabilities::capabilities(&self.limits, self.text.chat_template().is_some())
+    }
 
     /// The model's name, from its bundle.
     #[zbus(property(emits_changed_signal = "const"))]
