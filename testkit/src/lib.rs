@@ -12,6 +12,7 @@
 //! - [`onnxruntime`]: the second engine (the project's Python venv) and its files.
 //! - [`argmax`], [`max_abs_diff`]: comparing logits, NaN included.
 //! - [`files`]: digests and listings of files a test wrote.
+//! - [`example_clients`]: the clients of `examples/clients/` (Python, GJS, C) as commands.
 //! - `dbus` (feature `dbus`): a private `dbus-daemon`, the real `marengod` on it and a client
 //!   that collects a request's stream.
 
@@ -19,6 +20,7 @@ pub mod binaries;
 mod command;
 #[cfg(feature = "dbus")]
 pub mod dbus;
+pub mod example_clients;
 pub mod exporter;
 pub mod files;
 mod logits;
