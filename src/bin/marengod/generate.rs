@@ -35,6 +35,7 @@ pub struct Args {
     #[arg(long, conflicts_with = "prompt_ids")]
     chat: bool,
     #[arg(long, value_name = "N", default_value_t = defaults::MAX_TOKENS,
+          value_parser = clap::value_parser!(u32).range(1..),
           help = "Most tokens to generate, 1 or more; the context's end also ends the text")]
     max_tokens: u32,
     #[arg(long, value_name = "T", default_value_t = defaults::TEMPERATURE, help = format!(
