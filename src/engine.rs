@@ -25,7 +25,7 @@ use marengo_bundle::manifest::Manifest;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum EndReason {
-    /// End of sequence or a stop string.
+    /// End of sequence, a stop string, or the end of a structured-output constraint's match.
     Stop = 1,
     /// `max_tokens` reached, or the context is full.
     Length,
@@ -65,6 +65,9 @@ pub struct GenerationOutcome {
     pub tokens: Vec<u32>,
     pub prefill_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
+    /// The structured-output constraint's mean time per generated token, in seconds, when
+    /// the request has one: masking the logits and moving past the sampled token.
+    pub constraint_s_per_token: Option<f64>,
 }
 
 /// Options for loading a bundle.
@@ -100,6 +103,8 @@ pub enum EngineError {
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
     #[error(transparent)]
     Sampling(#[from] crate::sampler::SamplingError),
+    #[error(transparent)]
+    Constraint(#[from] crate::constraint::ConstraintError),
     #[error("setting up {threads} kernel threads: {message}")]
     Threads { threads: usize, message: String },
 }
@@ -230,7 +235,9 @@ pub struct Conversation {
 impl Conversation {
     /// Runs one generation. `should_stop` is polled before every token and ends the
     /// generation with the reason it returns; `on_text` receives text pieces that are always
-    /// whole UTF-8 and never contain (part of) a stop string.
+    /// whole UTF-8 and never contain (part of) a stop string. A request's constraint masks the
+    /// logits before the sampler sees them, and ends the generation (`Stop`) once its match is
+    /// complete.
     pub fn generate(
         &mut self,
         request: &GenerateRequest,
@@ -246,6 +253,7 @@ impl Conversation {
         let mut sampler = Sampler::new(request.sampling().clone())?;
         sampler.observe(prompt);
         let mut text = TextStream::new(side.tokenizer(), prompt, request.stop().iter().cloned());
+        let mut constraint = request.constraint().cloned();
 
         let prefill_start = Instant::now();
         let reused = self.sequence.reuse_prefix(prompt)?;
@@ -263,17 +271,27 @@ impl Conversation {
             if tokens.len() >= request.max_tokens() {
                 break EndReason::Length;
             }
+            if let Some(constraint) = &mut constraint {
+                constraint.mask(&mut logits)?;
+            }
             let id = sampler.sample(&logits)?;
             tokens.push(id);
             if side.is_eos(id) {
                 break EndReason::Stop;
             }
+            let complete = match &mut constraint {
+                Some(constraint) => constraint.commit(id)?,
+                None => false,
+            };
             let piece = text.push(id)?;
             if !piece.text.is_empty() {
                 on_text(&piece.text);
             }
             if piece.stopped {
                 stop_string = true;
+                break EndReason::Stop;
+            }
+            if complete {
                 break EndReason::Stop;
             }
             if tokens.len() >= request.max_tokens() {
@@ -301,6 +319,7 @@ impl Conversation {
             tokens,
             prefill_tokens_per_s: rate(fed, prefill_s),
             decode_tokens_per_s: rate(steps, decode_s),
+            constraint_s_per_token: constraint.map(|c| c.cost_per_token().as_secs_f64()),
         })
     }
 }

@@ -7,6 +7,7 @@ pub mod memory;
 
 pub mod chat;
 pub mod config;
+pub mod constraint;
 pub mod dbus;
 pub mod engine;
 pub mod kernels;

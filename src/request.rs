@@ -9,6 +9,7 @@
 //! them.
 
 use crate::chat::{ChatError, Message};
+use crate::constraint::{Constraint, ConstraintError, ConstraintSpec};
 use crate::sampler::{SamplingError, SamplingParams};
 use crate::text::TextSide;
 use crate::tokenizer::{MinTokens, TokenizerError};
@@ -39,6 +40,8 @@ pub struct RequestOptions {
     pub repeat_penalty: Option<f64>,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+    /// Structured output: at most one schema, regex or grammar.
+    pub constraint: Option<ConstraintSpec>,
 }
 
 /// A request that fits: its prompt leaves room for at least one new token and its sampling
@@ -49,6 +52,8 @@ pub struct GenerateRequest {
     sampling: SamplingParams,
     max_tokens: usize,
     stop: Vec<String>,
+    /// Compiled, at the start of the output.
+    constraint: Option<Constraint>,
 }
 
 impl GenerateRequest {
@@ -66,6 +71,10 @@ impl GenerateRequest {
 
     pub fn stop(&self) -> &[String] {
         &self.stop
+    }
+
+    pub fn constraint(&self) -> Option<&Constraint> {
+        self.constraint.as_ref()
     }
 }
 
@@ -116,6 +125,8 @@ pub enum RequestError {
     },
     #[error(transparent)]
     Sampling(#[from] SamplingError),
+    #[error(transparent)]
+    Constraint(#[from] ConstraintError),
 }
 
 impl TextSide {
@@ -153,6 +164,12 @@ impl TextSide {
         default_max_tokens: u32,
     ) -> Result<GenerateRequest, RequestError> {
         let sampling = sampling(&options)?;
+        // Before the prompt is tokenized: a broken schema is refused whatever the prompt.
+        let constraint = options
+            .constraint
+            .as_ref()
+            .map(|spec| self.compile(spec))
+            .transpose()?;
         let tokens = match prompt {
             Prompt::Ids(ids) => ids,
             Prompt::Text(text) => self.encode_fitting(&text, true, "prompt")?,
@@ -177,6 +194,7 @@ impl TextSide {
             sampling,
             max_tokens: options.max_tokens.unwrap_or(default_max_tokens) as usize,
             stop: options.stop,
+            constraint,
         })
     }
 

@@ -7,11 +7,13 @@
 //! after an idle unload must not map gigabytes again.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use marengo_bundle::Bundle;
 use marengo_bundle::manifest::{Manifest, QuantKind, TOKENIZER_FILE};
 
 use crate::chat::{ChatError, ChatTemplate};
+use crate::constraint::{Compiler, Constraint, ConstraintError, ConstraintSpec};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +31,8 @@ pub struct TextSide {
     tokenizer: Tokenizer,
     chat_template: Option<ChatTemplate>,
     name: String,
+    /// Made by the first constrained request: most daemons never need it.
+    compiler: OnceLock<Result<Compiler, ConstraintError>>,
 }
 
 impl TextSide {
@@ -60,6 +64,7 @@ impl TextSide {
             tokenizer,
             chat_template,
             name,
+            compiler: OnceLock::new(),
         })
     }
 
@@ -98,6 +103,18 @@ impl TextSide {
             Some(b) => format!("{kind}/block{b}"),
             None => kind.to_string(),
         }
+    }
+
+    /// Compiles a structured-output constraint for this model's vocabulary.
+    pub fn compile(&self, spec: &ConstraintSpec) -> Result<Constraint, ConstraintError> {
+        let compiler = self.compiler.get_or_init(|| {
+            let eos = self.manifest.special_tokens.eos.first().copied();
+            let eos = eos.ok_or_else(|| {
+                ConstraintError::Vocabulary("the bundle names no end-of-sequence token".into())
+            })?;
+            Compiler::new(&self.tokenizer, self.manifest.architecture.vocab_size, eos)
+        });
+        compiler.as_ref().map_err(Clone::clone)?.compile(spec)
     }
 
     /// Whether generation ends at `id`.

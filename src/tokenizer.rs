@@ -79,11 +79,7 @@ impl Tokenizer {
             .map(|(&id, _)| id)
             .collect();
         special_ids.sort_unstable();
-        let max_token_bytes = inner
-            .to_string(false)
-            .ok()
-            .and_then(|json| serde_json::from_str(&json).ok())
-            .and_then(|json| max_token_bytes(&json));
+        let max_token_bytes = json(&inner).ok().and_then(|json| max_token_bytes(&json));
         Self {
             vocab_size: inner.get_vocab_size(true),
             special_ids: special_ids.into(),
@@ -100,6 +96,12 @@ impl Tokenizer {
             tokens: bytes.div_ceil(max_token_bytes),
             max_token_bytes,
         })
+    }
+
+    /// The tokenizer serialized as `tokenizer.json`, for readers of the format such as the
+    /// structured-output trie ([`crate::constraint`]).
+    pub fn to_json(&self) -> Result<serde_json::Value, TokenizerError> {
+        json(&self.inner)
     }
 
     /// Number of ids, added tokens included: every valid id is below it.
@@ -150,6 +152,11 @@ impl Tokenizer {
     pub fn is_special(&self, id: u32) -> bool {
         self.special_ids.binary_search(&id).is_ok()
     }
+}
+
+fn json(inner: &tokenizers::Tokenizer) -> Result<serde_json::Value, TokenizerError> {
+    let text = inner.to_string(false).map_err(TokenizerError::Parse)?;
+    serde_json::from_str(&text).map_err(|e| TokenizerError::Parse(e.into()))
 }
 
 /// A lower bound on a text's token count, from its length alone.

@@ -13,7 +13,7 @@ pub const FEATURES: &[&str] = &["stream", "cancel", "stop", "seed"];
 
 /// Constrained decoding: the names of its options (`json_schema`, `regex`, `grammar`), each
 /// listed once its option is in [`OPTIONS`].
-pub const STRUCTURED_OUTPUT_FEATURES: &[&str] = &[];
+pub const STRUCTURED_OUTPUT_FEATURES: &[&str] = &["json_schema", "regex", "grammar"];
 
 /// The figures of this daemon that bound a request.
 #[derive(Debug, Clone, Copy)]

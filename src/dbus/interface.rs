@@ -155,7 +155,9 @@ impl Llm1 {
     /// Starts generating a continuation of `prompt` and returns the request's handle.
     /// The text arrives as Token signals and the end as one Finished signal, sent to the
     /// caller only; subscribe to them before calling. The options, their types, defaults and
-    /// ranges are in Capabilities; integers of any width are accepted where they fit.
+    /// ranges are in Capabilities, among them at most one of json_schema, regex and grammar:
+    /// the text then ends (reason "stop") when its match is complete, and one that does not
+    /// compile is refused with InvalidOption. Integers of any width are accepted where they fit.
     #[zbus(out_args("request"))]
     async fn generate(
         &self,
@@ -264,7 +266,8 @@ impl Llm1 {
 
     /// A request's end, sent exactly once per request. reason: stop, length, cancelled,
     /// disconnected, shutdown or error. stats: prompt_tokens (u), reused_tokens (u),
-    /// generated_tokens (u), prefill_tokens_per_s (d), decode_tokens_per_s (d), and
+    /// generated_tokens (u), prefill_tokens_per_s (d), decode_tokens_per_s (d),
+    /// constraint_ms_per_token (d) when the request had a json_schema, regex or grammar, and
     /// error (s) when reason is error.
     #[zbus(signal)]
     async fn finished(
@@ -276,7 +279,7 @@ impl Llm1 {
 
     /// What this daemon accepts and offers: "options" (a{sv}: each option's name to its
     /// "type" (s, a D-Bus signature), "description" (s), "example" (v), "default" (v, absent
-    /// when leaving the option out draws a value) and, when bounded, "minimum" (v), "maximum"
+    /// when leaving the option out means no value: a drawn seed, no constraint) and, when bounded, "minimum" (v), "maximum"
     /// (v), "minimum_excluded" (b) and "range" (s)), "limits" (a{sv}: context_length,
     /// max_tokens, queue_capacity, max_queued_per_client, max_stop_strings, all u) and
     /// "features" (as).
@@ -375,6 +378,9 @@ fn stats(finished: &RequestEnd) -> HashMap<&'static str, Variant<'static>> {
             "decode_tokens_per_s",
             Variant::F64(outcome.decode_tokens_per_s),
         );
+        if let Some(seconds) = outcome.constraint_s_per_token {
+            stats.insert("constraint_ms_per_token", Variant::F64(seconds * 1e3));
+        }
     }
     if let Some(error) = &finished.error {
         stats.insert("error", Variant::from(error.clone()));

@@ -14,6 +14,7 @@ use marengo_client::defaults;
 use zbus::{OwnedVariant, Variant};
 
 use super::Llm1Error;
+use crate::constraint::ConstraintSpec;
 use crate::request::RequestOptions;
 use crate::sampler::ranges::{self, Range};
 
@@ -72,7 +73,7 @@ pub struct OptionSpec {
     pub description: &'static str,
     /// The value a request that leaves the option out gets, given the daemon's
     /// `default_max_tokens`; `None` when leaving it out means something no value says (a seed
-    /// drawn at random).
+    /// drawn at random, no constraint).
     pub default: fn(u32) -> Option<Value>,
     pub bounds: Option<Bounds>,
     /// A value the option accepts, for documentation and for the test that sends every option.
@@ -198,6 +199,42 @@ pub const OPTIONS: &[OptionSpec] = &[
             Ok(())
         },
     },
+    OptionSpec {
+        name: "json_schema",
+        signature: "s",
+        description: "A JSON schema (as JSON text) the answer must match; the text ends when \
+                      the object is complete. At most one of json_schema, regex and grammar.",
+        default: |_| None,
+        bounds: None,
+        example: Value::Str(
+            r#"{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}"#,
+        ),
+        parse: |key, value, options| {
+            constrain(options, ConstraintSpec::JsonSchema(string(key, value)?))
+        },
+    },
+    OptionSpec {
+        name: "regex",
+        signature: "s",
+        description: "A regular expression the whole answer must match. At most one of \
+                      json_schema, regex and grammar.",
+        default: |_| None,
+        bounds: None,
+        example: Value::Str("(yes|no)"),
+        parse: |key, value, options| constrain(options, ConstraintSpec::Regex(string(key, value)?)),
+    },
+    OptionSpec {
+        name: "grammar",
+        signature: "s",
+        description: "A Lark grammar, as llguidance reads it, the answer must match. At most one \
+                      of json_schema, regex and grammar.",
+        default: |_| None,
+        bounds: None,
+        example: Value::Str("start: \"yes\" | \"no\""),
+        parse: |key, value, options| {
+            constrain(options, ConstraintSpec::Grammar(string(key, value)?))
+        },
+    },
 ];
 
 impl RequestOptions {
@@ -273,6 +310,32 @@ fn float(key: &str, value: &Variant<'_>) -> Result<f64, Llm1Error> {
         return Err(invalid(key, &format!("is {x}, not a finite number")));
     }
     Ok(x)
+}
+
+/// Sets the request's one structured-output constraint: two would each allow what the other
+/// forbids, and no order of applying them is obviously right.
+fn constrain(parsed: &mut RequestOptions, spec: ConstraintSpec) -> Result<(), Llm1Error> {
+    if let Some(earlier) = &parsed.constraint {
+        return Err(Llm1Error::InvalidOption(format!(
+            "options `{}` and `{}` cannot be combined: give at most one of json_schema, regex \
+             and grammar",
+            earlier.option(),
+            spec.option()
+        )));
+    }
+    parsed.constraint = Some(spec);
+    Ok(())
+}
+
+/// A non-empty string (`s`).
+fn string(key: &str, value: &Variant<'_>) -> Result<String, Llm1Error> {
+    let Variant::Str(s) = value else {
+        return Err(wrong_type(key, value, "a string (s)"));
+    };
+    if s.is_empty() {
+        return Err(invalid(key, "is empty"));
+    }
+    Ok(s.to_string())
 }
 
 /// An array of non-empty strings (`as`), at most [`MAX_STOP_STRINGS`] of them.
@@ -440,6 +503,28 @@ mod tests {
             "{}",
             stop.description
         );
+    }
+
+    #[test]
+    fn one_constraint_is_accepted_and_two_are_refused_naming_both() {
+        let parsed =
+            RequestOptions::parse(&options(vec![("regex", Variant::from("[a-z]+"))])).unwrap();
+        assert_eq!(
+            parsed.constraint,
+            Some(ConstraintSpec::Regex("[a-z]+".into()))
+        );
+        let message = refused_key(vec![
+            ("regex", Variant::from("[a-z]+")),
+            ("json_schema", Variant::from("{}")),
+        ]);
+        assert!(
+            message.contains("`regex`") && message.contains("`json_schema`"),
+            "{message}"
+        );
+        for key in ["json_schema", "regex", "grammar"] {
+            let message = refused_key(vec![(key, Variant::U32(1))]);
+            assert!(message.contains(&format!("`{key}`")), "{message}");
+        }
     }
 
     #[test]

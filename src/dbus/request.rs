@@ -2,6 +2,7 @@
 //! request preparation, and its refusals as `org.marengo.Llm1` errors.
 
 use crate::chat::{ChatError, Message};
+use crate::constraint::ConstraintError;
 use crate::request::{GenerateRequest, Prompt, RequestError, RequestOptions};
 use crate::sampler::SamplingError;
 use crate::text::TextSide;
@@ -50,6 +51,12 @@ pub fn prepare(
             RequestError::Sampling(SamplingError::NoFiniteLogit { .. }) => {
                 Llm1Error::Internal(e.to_string())
             }
+            RequestError::Constraint(ConstraintError::Invalid { .. }) => {
+                Llm1Error::InvalidOption(e.to_string())
+            }
+            RequestError::Constraint(
+                ConstraintError::Vocabulary(_) | ConstraintError::Failed(_),
+            ) => Llm1Error::Internal(e.to_string()),
         })
 }
 

@@ -114,6 +114,16 @@ struct GenerationArgs {
     /// Stop before this text; may be repeated.
     #[arg(long, value_name = "TEXT")]
     stop: Vec<String>,
+    /// Constrain the text to the JSON schema in FILE.
+    #[arg(long, value_name = "FILE", value_parser = read_file,
+          conflicts_with_all = ["regex", "grammar"])]
+    json_schema: Option<String>,
+    /// Constrain the whole text to match the regular expression RE.
+    #[arg(long, value_name = "RE", conflicts_with = "grammar")]
+    regex: Option<String>,
+    /// Constrain the text to the Lark grammar (as llguidance reads it) in FILE.
+    #[arg(long, value_name = "FILE", value_parser = read_file)]
+    grammar: Option<String>,
     /// Print the request's figures to stderr when it ends.
     #[arg(long)]
     stats: bool,
@@ -143,6 +153,15 @@ impl GenerationArgs {
         }
         if !self.stop.is_empty() {
             options.insert("stop", Variant::from(self.stop.clone()));
+        }
+        for (key, value) in [
+            ("json_schema", &self.json_schema),
+            ("regex", &self.regex),
+            ("grammar", &self.grammar),
+        ] {
+            if let Some(text) = value {
+                options.insert(key, Variant::from(text.as_str()));
+            }
         }
         options
     }
@@ -516,4 +535,9 @@ async fn status(connection: &Connection, proxy: &Llm1Proxy<'_>) -> Result<(), Ct
     println!("context length: {}", proxy.context_length().await?);
     println!("queue length:   {}", proxy.queue_length().await?);
     Ok(())
+}
+
+/// The contents of the file a flag names, read when the flags are parsed.
+fn read_file(path: &str) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))
 }

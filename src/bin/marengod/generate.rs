@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use marengo::chat::Message;
+use marengo::constraint::ConstraintSpec;
 use marengo::engine::{Engine, EngineOptions};
 use marengo::memory::MemoryUsage;
 use marengo::request::{Prompt, RequestError, RequestOptions};
@@ -68,6 +69,16 @@ pub struct Args {
     /// End the text before this string; may be repeated (at most 16).
     #[arg(long, value_name = "TEXT")]
     stop: Vec<String>,
+    /// Constrain the text to the JSON schema in FILE.
+    #[arg(long, value_name = "FILE", value_parser = read_file,
+          conflicts_with_all = ["regex", "grammar"])]
+    json_schema: Option<String>,
+    /// Constrain the whole text to match the regular expression RE.
+    #[arg(long, value_name = "RE", conflicts_with = "grammar")]
+    regex: Option<String>,
+    /// Constrain the text to the Lark grammar (as llguidance reads it) in FILE.
+    #[arg(long, value_name = "FILE", value_parser = read_file)]
+    grammar: Option<String>,
     /// Kernel threads (default: every core).
     #[arg(long)]
     threads: Option<usize>,
@@ -106,6 +117,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         (Some(text), None) => Prompt::Text(text),
         (None, None) => bail!("give --prompt or --prompt-ids"),
     };
+    let constraint = match (args.json_schema, args.regex, args.grammar) {
+        (Some(schema), _, _) => Some(ConstraintSpec::JsonSchema(schema)),
+        (_, Some(regex), _) => Some(ConstraintSpec::Regex(regex)),
+        (_, _, Some(grammar)) => Some(ConstraintSpec::Grammar(grammar)),
+        (None, None, None) => None,
+    };
     let options = RequestOptions {
         max_tokens: Some(args.max_tokens),
         temperature: Some(args.temperature),
@@ -115,6 +132,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         repeat_penalty: Some(args.repeat_penalty),
         seed: args.seed,
         stop: args.stop,
+        constraint,
     };
     let request = engine
         .text()
@@ -147,7 +165,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     if args.stats {
         let memory = MemoryUsage::current().unwrap_or_default();
-        let stats = serde_json::json!({
+        let mut stats = serde_json::json!({
             "prompt_tokens": outcome.prompt_tokens,
             "generated_tokens": outcome.generated_tokens,
             "finish_reason": outcome.reason.as_str(),
@@ -157,7 +175,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "anon_rss_bytes": memory.anonymous,
             "file_rss_bytes": memory.file,
         });
+        if let Some(seconds) = outcome.constraint_s_per_token {
+            stats["constraint_ms_per_token"] = (seconds * 1e3).into();
+        }
         writeln!(out, "{stats}")?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The contents of the file a flag names, read when the flags are parsed.
+fn read_file(path: &str) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))
 }
