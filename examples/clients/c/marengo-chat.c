@@ -137,13 +137,16 @@ int main(int argc, char **argv)
     g_variant_builder_init(&messages, G_VARIANT_TYPE("a(ss)"));
     g_variant_builder_init(&options, G_VARIANT_TYPE_VARDICT);
     g_variant_builder_add(&options, "{sv}", "max_tokens", g_variant_new_uint32(max_tokens));
+    g_autofree gchar *content = NULL;
     if (json_schema) {
         /* The schema travels as a JSON string; the answer streams like any other. */
         g_variant_builder_add(&options, "{sv}", "json_schema", g_variant_new_string(SENTIMENT_SCHEMA));
-        g_variant_builder_add(&messages, "(ss)", "system",
-                              "Answer with the sentiment of the user's text as JSON.");
+        /* In the user's turn: some chat templates (Mistral's) refuse a system message. */
+        content = g_strdup_printf("Answer in JSON with the sentiment of this text: %s", prompt);
+    } else {
+        content = g_strdup(prompt);
     }
-    g_variant_builder_add(&messages, "(ss)", "user", prompt);
+    g_variant_builder_add(&messages, "(ss)", "user", content);
     if (!marengo_llm1_call_chat_sync(chat.proxy, g_variant_builder_end(&messages),
                                      g_variant_builder_end(&options), &chat.request, NULL, &error)) {
         /* The D-Bus error name (org.marengo.Llm1.Error.*) says what to do; the message, why. */

@@ -61,12 +61,14 @@ function main(argv) {
     const connection = connect(args);
     const loop = GLib.MainLoop.new(null, false);
     const options = {max_tokens: new GLib.Variant('u', args.maxTokens)};
-    const messages = [['user', args.prompt]];
+    let prompt = args.prompt;
     if (args.jsonSchema) {
         // The schema travels as a JSON string; the answer streams like any other.
         options.json_schema = new GLib.Variant('s', JSON.stringify(SENTIMENT_SCHEMA));
-        messages.unshift(['system', "Answer with the sentiment of the user's text as JSON."]);
+        // In the user's turn: some chat templates (Mistral's) refuse a system message.
+        prompt = `Answer in JSON with the sentiment of this text: ${prompt}`;
     }
+    const messages = [['user', prompt]];
 
     let request = null;
     let reason = null;

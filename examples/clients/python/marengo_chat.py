@@ -132,11 +132,13 @@ def main():
     connection = connect(args)
     loop = GLib.MainLoop()
     options = {"max_tokens": GLib.Variant("u", args.max_tokens)}
-    messages = [("user", args.prompt)]
+    prompt = args.prompt
     if args.json_schema:
         # The schema travels as a JSON string; the answer streams like any other.
         options["json_schema"] = GLib.Variant("s", json.dumps(SENTIMENT_SCHEMA))
-        messages.insert(0, ("system", "Answer with the sentiment of the user's text as JSON."))
+        # In the user's turn: some chat templates (Mistral's) refuse a system message.
+        prompt = f"Answer in JSON with the sentiment of this text: {prompt}"
+    messages = [("user", prompt)]
     chat = Chat(connection, loop, echo=True)
     try:
         chat.start(messages, options)
