@@ -20,8 +20,8 @@ pub mod defaults {
     pub const QUEUE_CAPACITY: usize = 16;
     /// Key `max_queued_per_client`.
     pub const MAX_QUEUED_PER_CLIENT: usize = 8;
-    /// Key `default_max_tokens`.
-    pub const DEFAULT_MAX_TOKENS: u32 = 512;
+    /// Key `default_max_tokens`: the `max_tokens` of every entry point.
+    pub const DEFAULT_MAX_TOKENS: u32 = marengo_client::defaults::MAX_TOKENS;
     /// Key `idle_unload_secs`; 0 never unloads.
     pub const IDLE_UNLOAD_SECS: u64 = 0;
     /// Key `verify_hashes`.

@@ -227,7 +227,7 @@ impl TextSide {
 }
 
 /// The sampling parameters of `options`, defaults filled in and ranges checked.
-fn sampling(options: &RequestOptions) -> Result<SamplingParams, SamplingError> {
+pub(crate) fn sampling(options: &RequestOptions) -> Result<SamplingParams, SamplingError> {
     let defaults = SamplingParams::default();
     let sampling = SamplingParams {
         temperature: options

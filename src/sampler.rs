@@ -43,7 +43,8 @@ pub enum SamplingError {
     NoFiniteLogit { vocab_size: usize },
 }
 
-/// How to choose tokens. [`Default`] is llama.cpp's default, with no repetition penalty.
+/// How to choose tokens. [`Default`] is llama.cpp's default, with no repetition penalty: the
+/// request defaults of every entry point ([`marengo_client::defaults`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0 is greedy; higher flattens the distribution. Allowed 0 to 10.
@@ -66,12 +67,13 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
+        use marengo_client::defaults;
         Self {
-            temperature: 0.8,
-            top_k: 40,
-            top_p: 0.95,
-            min_p: 0.05,
-            repeat_penalty: 1.0,
+            temperature: defaults::TEMPERATURE as f32,
+            top_k: defaults::TOP_K,
+            top_p: defaults::TOP_P as f32,
+            min_p: defaults::MIN_P as f32,
+            repeat_penalty: defaults::REPEAT_PENALTY as f32,
             repeat_last_n: 64,
             seed: None,
         }
@@ -89,29 +91,13 @@ impl SamplingParams {
 
     /// Checks every option against its allowed range; the error names the first one out of it.
     pub fn validate(&self) -> Result<(), SamplingError> {
-        check(
-            "temperature",
-            self.temperature,
-            (0.0..=10.0).contains(&self.temperature),
-            "0 to 10",
-        )?;
-        check(
-            "top_p",
-            self.top_p,
-            self.top_p > 0.0 && self.top_p <= 1.0,
-            "above 0, up to 1",
-        )?;
-        check(
-            "min_p",
-            self.min_p,
-            (0.0..=1.0).contains(&self.min_p),
-            "0 to 1",
-        )?;
+        check("temperature", self.temperature, &ranges::TEMPERATURE)?;
+        check("top_p", self.top_p, &ranges::TOP_P)?;
+        check("min_p", self.min_p, &ranges::MIN_P)?;
         check(
             "repeat_penalty",
             self.repeat_penalty,
-            self.repeat_penalty > 0.0 && self.repeat_penalty <= 10.0,
-            "above 0, up to 10",
+            &ranges::REPEAT_PENALTY,
         )?;
         if self.repeat_last_n > MAX_REPEAT_LAST_N {
             return Err(SamplingError::OutOfRange {
@@ -124,20 +110,66 @@ impl SamplingParams {
     }
 }
 
-/// `in_range` is false for NaN, which no range contains.
-fn check(
-    key: &'static str,
-    value: f32,
-    in_range: bool,
-    allowed: &'static str,
-) -> Result<(), SamplingError> {
-    if in_range {
+/// The allowed values of the floating-point options: what [`SamplingParams::validate`] checks
+/// and what the D-Bus `Capabilities` property states.
+pub mod ranges {
+    /// `min..=max`, or `min` excluded when [`Range::min_excluded`].
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub struct Range {
+        pub min: f32,
+        /// `top_p` 0 would keep no token, a `repeat_penalty` of 0 would divide by it.
+        pub min_excluded: bool,
+        pub max: f32,
+        /// The range as a refusal states it.
+        pub words: &'static str,
+    }
+
+    impl Range {
+        /// False for NaN, which no range contains.
+        pub fn contains(&self, x: f32) -> bool {
+            let above_min = if self.min_excluded {
+                x > self.min
+            } else {
+                x >= self.min
+            };
+            above_min && x <= self.max
+        }
+    }
+
+    pub const TEMPERATURE: Range = Range {
+        min: 0.0,
+        min_excluded: false,
+        max: 10.0,
+        words: "0 to 10",
+    };
+    pub const TOP_P: Range = Range {
+        min: 0.0,
+        min_excluded: true,
+        max: 1.0,
+        words: "above 0, up to 1",
+    };
+    pub const MIN_P: Range = Range {
+        min: 0.0,
+        min_excluded: false,
+        max: 1.0,
+        words: "0 to 1",
+    };
+    pub const REPEAT_PENALTY: Range = Range {
+        min: 0.0,
+        min_excluded: true,
+        max: 10.0,
+        words: "above 0, up to 10",
+    };
+}
+
+fn check(key: &'static str, value: f32, range: &ranges::Range) -> Result<(), SamplingError> {
+    if range.contains(value) {
         Ok(())
     } else {
         Err(SamplingError::OutOfRange {
             key,
             value: f64::from(value),
-            allowed,
+            allowed: range.words,
         })
     }
 }

@@ -304,6 +304,11 @@ impl Scheduler {
         }
     }
 
+    /// The bounds and timers it was started with.
+    pub fn options(&self) -> &SchedulerOptions {
+        &self.shared.options
+    }
+
     /// Requests waiting or running.
     pub fn queue_length(&self) -> usize {
         let state = self.shared.lock_state();

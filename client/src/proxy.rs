@@ -49,6 +49,11 @@ pub trait Llm1 {
         stats: HashMap<String, OwnedVariant>,
     ) -> zbus::Result<()>;
 
+    /// What the daemon accepts and offers: `options`, `limits`, `features`. Never cached: the
+    /// limits are the default model's, which can change while the service runs.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn capabilities(&self) -> zbus::Result<HashMap<String, OwnedVariant>>;
+
     /// The default model; empty without one. Never cached: a model installed while the
     /// service runs can become the default.
     #[zbus(property(emits_changed_signal = "false"))]

@@ -16,6 +16,7 @@ use zbus::names::BusName;
 use zbus::object_server::{ResponseDispatchListener, ResponseDispatchNotifier, SignalEmitter};
 use zbus::{Connection, ObjectPath, OwnedObjectPath, OwnedVariant, Variant, interface};
 
+use super::capabilities::{self, Limits};
 use super::request::{self, BusPrompt};
 use super::{Llm1Error, OBJECT_PATH};
 use crate::models::{ModelInfo, Models, ModelsError};
@@ -89,6 +90,7 @@ pub struct Llm1 {
     models: Arc<Models>,
     default_max_tokens: u32,
     streams: Arc<Streams>,
+    limits: Limits,
 }
 
 impl Llm1 {
@@ -98,11 +100,20 @@ impl Llm1 {
         default_max_tokens: u32,
         streams: Arc<Streams>,
     ) -> Self {
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let limits = Limits {
+            // The default model's, filled in when the property is read: it can change.
+            context_length: 0,
+            default_max_tokens,
+            queue_capacity: count(scheduler.options().queue_capacity),
+            max_queued_per_client: count(scheduler.options().max_queued_per_client),
+        };
         Self {
             scheduler,
             models,
             default_max_tokens,
             streams,
+            limits,
         }
     }
 
@@ -166,14 +177,10 @@ impl Llm1 {
 impl Llm1 {
     /// Starts generating a continuation of `prompt` and returns the request's handle.
     /// The text arrives as Token signals and the end as one Finished signal, sent to the
-    /// caller only; subscribe to them before calling. Options: max_tokens (u), temperature
-    /// (d, 0 = greedy), top_k (u, 0 = off), top_p (d), min_p (d), repeat_penalty (d),
-    /// seed (t), stop (as), model (s, a name from Models; the default model when absent), and
-    /// at most one of json_schema (s, a JSON schema the text must match), regex (s, a regular
-    /// expression the whole text matches) and grammar (s, a Lark grammar as llguidance reads
-    /// it): the text then ends (reason "stop") when its match is complete, and one that does
-    /// not compile is refused with InvalidOption. Integers of any width are accepted where
-    /// they fit.
+    /// caller only; subscribe to them before calling. The options, their types, defaults and
+    /// ranges are in Capabilities, among them at most one of json_schema, regex and grammar:
+    /// the text then ends (reason "stop") when its match is complete, and one that does not
+    /// compile is refused with InvalidOption. Integers of any width are accepted where they fit.
     #[zbus(out_args("request"))]
     async fn generate(
         &self,
@@ -293,6 +300,28 @@ impl Llm1 {
         reason: &str,
         stats: HashMap<&str, Variant<'_>>,
     ) -> zbus::Result<()>;
+
+    /// What this daemon accepts and offers: "options" (a{sv}: each option's name to its
+    /// "type" (s, a D-Bus signature), "description" (s), "example" (v), "default" (v, absent
+    /// when leaving the option out means no value: a drawn seed, no constraint, the default
+    /// model) and, when bounded, "minimum" (v), "maximum" (v), "minimum_excluded" (b) and
+    /// "range" (s)), "limits" (a{sv}: context_length, max_tokens, queue_capacity,
+    /// max_queued_per_client, max_stop_strings, all u; the context is the default model's, 0
+    /// without one) and "features" (as).
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn capabilities(&self) -> HashMap<String, OwnedVariant> {
+        let model = self.default_model().ok();
+        let limits = Limits {
+            context_length: model
+                .as_ref()
+                .map_or(0, |m| u32::try_from(m.context_length).unwrap_or(u32::MAX)),
+            ..self.limits
+        };
+        let chat = model
+            .and_then(|m| self.models.text(&m).ok())
+            .is_some_and(|text| text.chat_template().is_some());
+        capabilities::capabilities(&limits, chat)
+    }
 
     /// The default model's name (the one a request without the model option gets); empty
     /// when no model is installed.

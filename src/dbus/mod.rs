@@ -1,4 +1,5 @@
-//! The D-Bus API `org.marengo.Llm1`: the service object and its options. The names, the
+//! The D-Bus API `org.marengo.Llm1`: the service object, its options and what it says of
+//! itself (`Capabilities`). The names, the
 //! errors and the typed client proxy live in the `marengo-client` crate, shared with
 //! `marengoctl`, and are re-exported here.
 //!
@@ -8,10 +9,12 @@
 //! `packaging/dbus/org.marengo.Llm1.xml` is the committed introspection of the interface; a
 //! test checks that the running service exports exactly that.
 
+mod capabilities;
 mod interface;
 mod options;
 mod request;
 
+pub use capabilities::{FEATURES, STRUCTURED_OUTPUT_FEATURES};
 pub use interface::{Llm1, REQUEST_PATH_PREFIX, Streams};
 pub use marengo_client::{BUS_NAME, Llm1Error, Llm1Proxy, OBJECT_PATH};
-pub use options::MAX_STOP_STRINGS;
+pub use options::{MAX_STOP_STRINGS, OPTIONS, OptionSpec};

@@ -1,4 +1,6 @@
-//! The `a{sv}` options of `Generate`, `Chat` and `Complete`, checked key by key.
+//! The `a{sv}` options of `Generate`, `Chat` and `Complete`: one table, [`OPTIONS`], from
+//! which the parser, the `Capabilities` property and the unknown-option refusal are all made,
+//! so that an option is added by adding its row.
 //!
 //! D-Bus clients do not agree on integer widths: `gdbus call` turns `<64>` into an `i32`,
 //! `busctl` sends whatever signature the user typed, zbus sends the Rust type. Integer options
@@ -8,53 +10,268 @@
 
 use std::collections::HashMap;
 
+use marengo_client::defaults;
 use zbus::{OwnedVariant, Variant};
 
 use super::Llm1Error;
 use crate::constraint::ConstraintSpec;
 use crate::request::RequestOptions;
+use crate::sampler::ranges::{self, Range};
 
 /// The most stop strings a request may carry; each is matched against every new piece of text.
 pub const MAX_STOP_STRINGS: usize = 16;
 
+/// A value of the table (a default, a bound, an example), typed as its option is sent.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Value {
+    U32(u32),
+    U64(u64),
+    F64(f64),
+    Str(&'static str),
+    Strs(&'static [&'static str]),
+}
+
+impl Value {
+    pub fn to_variant(self) -> Variant<'static> {
+        match self {
+            Value::U32(n) => Variant::U32(n),
+            Value::U64(n) => Variant::U64(n),
+            Value::F64(x) => Variant::F64(x),
+            Value::Str(s) => Variant::from(s),
+            Value::Strs(strings) => Variant::from(strings.to_vec()),
+        }
+    }
+}
+
+/// The values an option allows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bounds {
+    pub min: Value,
+    /// Whether `min` itself is refused.
+    pub min_excluded: bool,
+    pub max: Value,
+    /// The range in words, as a refusal states it.
+    pub words: &'static str,
+}
+
+impl Bounds {
+    const fn of(range: Range) -> Bounds {
+        Bounds {
+            min: Value::F64(range.min as f64),
+            min_excluded: range.min_excluded,
+            max: Value::F64(range.max as f64),
+            words: range.words,
+        }
+    }
+}
+
+/// One accepted option.
+pub struct OptionSpec {
+    pub name: &'static str,
+    /// The D-Bus type to send; narrower or wider integers are accepted where they fit.
+    pub signature: &'static str,
+    pub description: &'static str,
+    /// The value a request that leaves the option out gets, given the daemon's
+    /// `default_max_tokens`; `None` when leaving it out means something no value says (a seed
+    /// drawn at random, no constraint).
+    pub default: fn(u32) -> Option<Value>,
+    pub bounds: Option<Bounds>,
+    /// A value the option accepts, for documentation and for the test that sends every option.
+    pub example: Value,
+    parse: fn(&str, &Variant<'_>, &mut RequestOptions) -> Result<(), Llm1Error>,
+}
+
+/// Every option a request may carry. Structured output adds its rows here.
+pub const OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        name: "model",
+        signature: "s",
+        description: "The model to run the request on, a name from the Models property; the \
+                      default model when left out.",
+        default: |_| None,
+        bounds: None,
+        example: Value::Str("smollm2"),
+        parse: |key, value, options| {
+            options.model = Some(string(key, value)?);
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "max_tokens",
+        signature: "u",
+        description: "The most tokens to generate; generation also ends when the context is full.",
+        default: |default_max_tokens| Some(Value::U32(default_max_tokens)),
+        bounds: Some(Bounds {
+            min: Value::U32(1),
+            min_excluded: false,
+            max: Value::U32(u32::MAX),
+            words: "1 to 4294967295",
+        }),
+        example: Value::U32(16),
+        parse: |key, value, options| {
+            let n = unsigned(key, value, u32::MAX as u64)? as u32;
+            if n == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+            options.max_tokens = Some(n);
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "temperature",
+        signature: "d",
+        description: "Flattens (above 1) or sharpens (below 1) the distribution; 0 is greedy.",
+        default: |_| Some(Value::F64(defaults::TEMPERATURE)),
+        bounds: Some(Bounds::of(ranges::TEMPERATURE)),
+        example: Value::F64(0.0),
+        parse: |key, value, options| {
+            options.temperature = Some(float(key, value)?);
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "top_k",
+        signature: "u",
+        description: "Sample among the K most likely tokens; 0 keeps all.",
+        default: |_| Some(Value::U32(defaults::TOP_K)),
+        bounds: Some(Bounds {
+            min: Value::U32(0),
+            min_excluded: false,
+            max: Value::U32(u32::MAX),
+            words: "0 (off) to 4294967295",
+        }),
+        example: Value::U32(40),
+        parse: |key, value, options| {
+            options.top_k = Some(unsigned(key, value, u32::MAX as u64)? as u32);
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "top_p",
+        signature: "d",
+        description: "Nucleus sampling: the most likely tokens whose probabilities reach P; 1 keeps all.",
+        default: |_| Some(Value::F64(defaults::TOP_P)),
+        bounds: Some(Bounds::of(ranges::TOP_P)),
+        example: Value::F64(0.9),
+        parse: |key, value, options| {
+            options.top_p = Some(float(key, value)?);
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "min_p",
+        signature: "d",
+        description: "Drops tokens less likely than P times the most likely one; 0 keeps all.",
+        default: |_| Some(Value::F64(defaults::MIN_P)),
+        bounds: Some(Bounds::of(ranges::MIN_P)),
+        example: Value::F64(0.1),
+        parse: |key, value, options| {
+            options.min_p = Some(float(key, value)?);
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "repeat_penalty",
+        signature: "d",
+        description: "Penalizes the last 64 tokens (prompt included); 1 is off.",
+        default: |_| Some(Value::F64(defaults::REPEAT_PENALTY)),
+        bounds: Some(Bounds::of(ranges::REPEAT_PENALTY)),
+        example: Value::F64(1.1),
+        parse: |key, value, options| {
+            options.repeat_penalty = Some(float(key, value)?);
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "seed",
+        signature: "t",
+        description: "Seed of the random generator, for a repeatable sampled text; without it \
+                      one is drawn at random.",
+        default: |_| None,
+        bounds: Some(Bounds {
+            min: Value::U64(0),
+            min_excluded: false,
+            max: Value::U64(u64::MAX),
+            words: "0 to 18446744073709551615",
+        }),
+        example: Value::U64(42),
+        parse: |key, value, options| {
+            options.seed = Some(unsigned(key, value, u64::MAX)?);
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "stop",
+        signature: "as",
+        description: "Ends the text before the first of these strings (at most 16, none empty).",
+        default: |_| Some(Value::Strs(&[])),
+        bounds: None,
+        example: Value::Strs(&["\n\n"]),
+        parse: |key, value, options| {
+            options.stop = strings(key, value)?;
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "json_schema",
+        signature: "s",
+        description: "A JSON schema (as JSON text) the answer must match; the text ends when \
+                      the object is complete. At most one of json_schema, regex and grammar.",
+        default: |_| None,
+        bounds: None,
+        example: Value::Str(
+            r#"{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}"#,
+        ),
+        parse: |key, value, options| {
+            constrain(options, ConstraintSpec::JsonSchema(string(key, value)?))
+        },
+    },
+    OptionSpec {
+        name: "regex",
+        signature: "s",
+        description: "A regular expression the whole answer must match. At most one of \
+                      json_schema, regex and grammar.",
+        default: |_| None,
+        bounds: None,
+        example: Value::Str("(yes|no)"),
+        parse: |key, value, options| constrain(options, ConstraintSpec::Regex(string(key, value)?)),
+    },
+    OptionSpec {
+        name: "grammar",
+        signature: "s",
+        description: "A Lark grammar, as llguidance reads it, the answer must match. At most one \
+                      of json_schema, regex and grammar.",
+        default: |_| None,
+        bounds: None,
+        example: Value::Str("start: \"yes\" | \"no\""),
+        parse: |key, value, options| {
+            constrain(options, ConstraintSpec::Grammar(string(key, value)?))
+        },
+    },
+];
+
 impl RequestOptions {
-    /// Parses and range-checks `options`. Ranges of the sampling parameters are the sampler's
-    /// to decide and are checked where the request is prepared.
+    /// Parses and type-checks `options` row by row of [`OPTIONS`]. Ranges of the sampling
+    /// parameters are the sampler's to decide and are checked where the request is prepared.
     pub fn parse(options: &HashMap<String, OwnedVariant>) -> Result<Self, Llm1Error> {
         let mut parsed = Self::default();
         for (key, value) in options {
-            let value: &Variant<'_> = value;
-            match key.as_str() {
-                "max_tokens" => {
-                    let n = unsigned(key, value, u32::MAX as u64)? as u32;
-                    if n == 0 {
-                        return Err(invalid(key, "must be at least 1"));
-                    }
-                    parsed.max_tokens = Some(n);
-                }
-                "top_k" => parsed.top_k = Some(unsigned(key, value, u32::MAX as u64)? as u32),
-                "seed" => parsed.seed = Some(unsigned(key, value, u64::MAX)?),
-                "temperature" => parsed.temperature = Some(float(key, value)?),
-                "top_p" => parsed.top_p = Some(float(key, value)?),
-                "min_p" => parsed.min_p = Some(float(key, value)?),
-                "repeat_penalty" => parsed.repeat_penalty = Some(float(key, value)?),
-                "stop" => parsed.stop = strings(key, value)?,
-                "json_schema" => {
-                    constrain(&mut parsed, ConstraintSpec::JsonSchema(string(key, value)?))?
-                }
-                "regex" => constrain(&mut parsed, ConstraintSpec::Regex(string(key, value)?))?,
-                "grammar" => constrain(&mut parsed, ConstraintSpec::Grammar(string(key, value)?))?,
-                "model" => parsed.model = Some(string(key, value)?),
-                _ => {
-                    return Err(Llm1Error::InvalidOption(format!(
-                        "unknown option `{key}` (known: model, max_tokens, temperature, top_k, \
-                         top_p, min_p, repeat_penalty, seed, stop, json_schema, regex, grammar)"
-                    )));
-                }
-            }
+            let spec = OPTIONS
+                .iter()
+                .find(|spec| spec.name == key)
+                .ok_or_else(|| unknown(key))?;
+            (spec.parse)(key, value, &mut parsed)?;
         }
         Ok(parsed)
     }
+}
+
+fn unknown(key: &str) -> Llm1Error {
+    let known: Vec<&str> = OPTIONS.iter().map(|spec| spec.name).collect();
+    Llm1Error::InvalidOption(format!(
+        "unknown option `{key}` (known: {}; the Capabilities property lists them)",
+        known.join(", ")
+    ))
 }
 
 pub(super) fn invalid(key: &str, why: &str) -> Llm1Error {
@@ -224,6 +441,85 @@ mod tests {
             let message = refused_key(vec![(key, value)]);
             assert!(message.contains(&format!("`{key}`")), "{shown}: {message}");
         }
+    }
+
+    fn parsed(key: &str, value: Value) -> Result<RequestOptions, Llm1Error> {
+        RequestOptions::parse(&options(vec![(key, value.to_variant())]))
+    }
+
+    #[test]
+    fn every_option_of_the_table_is_accepted_with_its_example_default_and_bounds() {
+        for spec in OPTIONS {
+            let mut values = vec![spec.example];
+            values.extend((spec.default)(512));
+            if let Some(bounds) = spec.bounds {
+                values.push(bounds.max);
+                if !bounds.min_excluded {
+                    values.push(bounds.min);
+                }
+            }
+            for value in values {
+                let options = parsed(spec.name, value)
+                    .unwrap_or_else(|e| panic!("{} = {value:?} refused: {e}", spec.name));
+                if value == spec.example {
+                    assert_ne!(options, RequestOptions::default(), "{} ignored", spec.name);
+                }
+                assert_eq!(
+                    value.to_variant().value_signature().to_string(),
+                    spec.signature,
+                    "{}: a value of the table is not of the stated type",
+                    spec.name
+                );
+                crate::request::sampling(&options)
+                    .unwrap_or_else(|e| panic!("{} = {value:?} out of range: {e}", spec.name));
+            }
+        }
+    }
+
+    #[test]
+    fn values_past_the_stated_bounds_are_refused() {
+        for spec in OPTIONS {
+            let Some(bounds) = spec.bounds else { continue };
+            let mut outside = Vec::new();
+            match (bounds.min, bounds.max) {
+                (Value::F64(min), Value::F64(max)) => {
+                    outside.push(Value::F64(max + 1e-3));
+                    outside.push(Value::F64(if bounds.min_excluded {
+                        min
+                    } else {
+                        min - 1e-3
+                    }));
+                }
+                (Value::U32(min), Value::U32(_)) if min > 0 => outside.push(Value::U32(min - 1)),
+                _ => {}
+            }
+            for value in outside {
+                let refused = parsed(spec.name, value).and_then(|options| {
+                    crate::request::sampling(&options)
+                        .map_err(|e| Llm1Error::InvalidOption(e.to_string()))
+                });
+                assert!(refused.is_err(), "{} = {value:?} accepted", spec.name);
+            }
+        }
+    }
+
+    #[test]
+    fn the_refusal_of_an_unknown_key_lists_the_table() {
+        let message = refused_key(vec![("colour", Variant::from("blue"))]);
+        for spec in OPTIONS {
+            assert!(message.contains(spec.name), "{message}");
+        }
+    }
+
+    #[test]
+    fn stop_strings_are_bounded_as_described() {
+        let stop = OPTIONS.iter().find(|spec| spec.name == "stop").unwrap();
+        assert!(
+            stop.description
+                .contains(&format!("at most {MAX_STOP_STRINGS}")),
+            "{}",
+            stop.description
+        );
     }
 
     #[test]

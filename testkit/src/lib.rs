@@ -13,6 +13,7 @@
 //! - [`smollm2_bundle`]: SmolLM2-135M-Instruct as an FP8 bundle, made once per test binary.
 //! - [`argmax`], [`max_abs_diff`]: comparing logits, NaN included.
 //! - [`files`]: digests and listings of files a test wrote.
+//! - [`example_clients`]: the clients of `examples/clients/` (Python, GJS, C) as commands.
 //! - `dbus` (feature `dbus`): a private `dbus-daemon`, the real `marengod` on it and a client
 //!   that collects a request's stream.
 
@@ -20,6 +21,7 @@ pub mod binaries;
 mod command;
 #[cfg(feature = "dbus")]
 pub mod dbus;
+pub mod example_clients;
 pub mod exporter;
 pub mod files;
 mod logits;

@@ -1,5 +1,7 @@
 //! `marengod generate`: one generation in the foreground, like llama-cli. Its flags and the
 //! `--stats` JSON line are an interface that scripts and checks rely on: keep them stable.
+//! Its defaults are those of every entry point ([`marengo_client::defaults`]): it samples;
+//! `--temperature 0` is greedy.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -12,6 +14,8 @@ use marengo::constraint::ConstraintSpec;
 use marengo::engine::{Engine, EngineOptions};
 use marengo::memory::MemoryUsage;
 use marengo::request::{Prompt, RequestError, RequestOptions};
+use marengo::sampler::ranges;
+use marengo_client::defaults;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -31,23 +35,39 @@ pub struct Args {
     /// Wrap the prompt as one user message in the model's chat template.
     #[arg(long, conflicts_with = "prompt_ids")]
     chat: bool,
-    #[arg(long, default_value_t = 128)]
-    max_tokens: usize,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long)]
-    top_k: Option<u32>,
-    #[arg(long)]
-    top_p: Option<f32>,
-    #[arg(long)]
-    min_p: Option<f32>,
-    #[arg(long)]
-    repeat_penalty: Option<f32>,
-    #[arg(long)]
+    #[arg(long, value_name = "N", default_value_t = defaults::MAX_TOKENS,
+          value_parser = clap::value_parser!(u32).range(1..),
+          help = "Most tokens to generate, 1 or more; the context's end also ends the text")]
+    max_tokens: u32,
+    #[arg(long, value_name = "T", default_value_t = defaults::TEMPERATURE, help = format!(
+        "Temperature: 0 is greedy (a repeatable answer), higher is more random ({})",
+        ranges::TEMPERATURE.words
+    ))]
+    temperature: f64,
+    #[arg(long, value_name = "K", default_value_t = defaults::TOP_K,
+          help = "Sample among the K most likely tokens; 0 keeps all")]
+    top_k: u32,
+    #[arg(long, value_name = "P", default_value_t = defaults::TOP_P, help = format!(
+        "Nucleus sampling: the most likely tokens whose probabilities reach P; 1 keeps all ({})",
+        ranges::TOP_P.words
+    ))]
+    top_p: f64,
+    #[arg(long, value_name = "P", default_value_t = defaults::MIN_P, help = format!(
+        "Drop tokens less likely than P times the most likely one; 0 keeps all ({})",
+        ranges::MIN_P.words
+    ))]
+    min_p: f64,
+    #[arg(long, value_name = "R", default_value_t = defaults::REPEAT_PENALTY, help = format!(
+        "Penalty on the last 64 tokens (prompt included); 1 is off ({})",
+        ranges::REPEAT_PENALTY.words
+    ))]
+    repeat_penalty: f64,
+    /// Seed of the sampler, 0 to 2^64-1, for a repeatable sampled text [default: drawn at
+    /// random].
+    #[arg(long, value_name = "SEED")]
     seed: Option<u64>,
-    /// Stop at this text (repeatable).
-    #[arg(long)]
+    /// End the text before this string; may be repeated (at most 16).
+    #[arg(long, value_name = "TEXT")]
     stop: Vec<String>,
     /// Constrain the text to the JSON schema in FILE.
     #[arg(long, value_name = "FILE", value_parser = read_file,
@@ -101,12 +121,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         (None, None, None) => None,
     };
     let options = RequestOptions {
-        max_tokens: Some(u32::try_from(args.max_tokens).unwrap_or(u32::MAX)),
-        temperature: Some(args.temperature.into()),
-        top_k: args.top_k,
-        top_p: args.top_p.map(f64::from),
-        min_p: args.min_p.map(f64::from),
-        repeat_penalty: args.repeat_penalty.map(f64::from),
+        max_tokens: Some(args.max_tokens),
+        temperature: Some(args.temperature),
+        top_k: Some(args.top_k),
+        top_p: Some(args.top_p),
+        min_p: Some(args.min_p),
+        repeat_penalty: Some(args.repeat_penalty),
         seed: args.seed,
         stop: args.stop,
         constraint,
@@ -114,7 +134,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let request = engine
         .text()
-        .prepare(prompt, options, 0)
+        .prepare(prompt, options, defaults::MAX_TOKENS)
         .map_err(|e| match e {
             RequestError::NoChatTemplate => anyhow::anyhow!("--chat: {e}"),
             e => e.into(),

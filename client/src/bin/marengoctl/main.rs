@@ -10,7 +10,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
-use marengo_client::{BUS_NAME, Llm1Error, Llm1Proxy};
+use marengo_client::{BUS_NAME, Llm1Error, Llm1Proxy, defaults};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use zbus::connection::Builder;
 use zbus::message::Type as MessageType;
 use zbus::{
@@ -127,30 +128,44 @@ enum Command {
     ManPages { dir: std::path::PathBuf },
 }
 
+/// Options left out are not sent: the service applies its defaults, the same as
+/// `marengod generate`'s ([`defaults`]), which the help states.
 #[derive(Args, Clone, Default)]
 struct GenerationArgs {
     /// The model, by name (`marengoctl models` lists them) [default: the service's default].
     #[arg(long, short = 'm', value_name = "NAME")]
     model: Option<String>,
-    /// Most tokens to generate.
-    #[arg(long, short = 'n', value_name = "N")]
+    #[arg(long, short = 'n', value_name = "N", help = format!(
+        "Most tokens to generate [default: the service's default_max_tokens, {}]",
+        defaults::MAX_TOKENS
+    ))]
     max_tokens: Option<u32>,
-    /// 0 is greedy; higher is more random (0 to 10).
-    #[arg(long, short = 't', value_name = "T")]
+    #[arg(long, short = 't', value_name = "T", help = format!(
+        "0 is greedy; higher is more random (0 to 10) [default: {}]",
+        defaults::TEMPERATURE
+    ))]
     temperature: Option<f64>,
-    /// Sample among the K most likely tokens; 0 is off.
-    #[arg(long, value_name = "K")]
+    #[arg(long, value_name = "K", help = format!(
+        "Sample among the K most likely tokens; 0 is off [default: {}]",
+        defaults::TOP_K
+    ))]
     top_k: Option<u32>,
-    /// Nucleus sampling mass, above 0 and up to 1.
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", help = format!(
+        "Nucleus sampling mass, above 0 and up to 1 [default: {}]",
+        defaults::TOP_P
+    ))]
     top_p: Option<f64>,
-    /// Drop tokens less likely than P times the most likely one (0 to 1).
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", help = format!(
+        "Drop tokens less likely than P times the most likely one (0 to 1) [default: {}]",
+        defaults::MIN_P
+    ))]
     min_p: Option<f64>,
-    /// Penalty on recently generated tokens; 1 is off.
-    #[arg(long, value_name = "R")]
+    #[arg(long, value_name = "R", help = format!(
+        "Penalty on recently generated tokens, above 0 and up to 10; 1 is off [default: {}]",
+        defaults::REPEAT_PENALTY
+    ))]
     repeat_penalty: Option<f64>,
-    /// Seed, for a repeatable sampled text.
+    /// Seed, for a repeatable sampled text [default: drawn at random].
     #[arg(long, value_name = "SEED")]
     seed: Option<u64>,
     /// Stop before this text; may be repeated.
