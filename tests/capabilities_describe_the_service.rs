@@ -49,7 +49,10 @@ async fn capabilities_list_what_the_service_accepts() {
         let mut sent: HashMap<&str, Variant<'_>> = HashMap::from([("max_tokens", Variant::U32(1))]);
         // A model's example names the packaged model; this daemon's model has its own name.
         let example = match name.as_str() {
-            "model" => Variant::from(llm.model().await.expect("Model")).try_to_owned().expect("no fds").into(),
+            "model" => Variant::from(llm.model().await.expect("Model"))
+                .try_to_owned()
+                .expect("no fds")
+                .into(),
             _ => Variant::from(example),
         };
         sent.insert(name, example);

@@ -11,7 +11,6 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
 use marengo_client::{BUS_NAME, Llm1Error, Llm1Proxy, defaults};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use zbus::connection::Builder;
 use zbus::message::Type as MessageType;
 use zbus::{
@@ -631,6 +630,8 @@ async fn status(
 /// The contents of the file a flag names, read when the flags are parsed.
 fn read_file(path: &str) -> Result<String, String> {
     std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))
+}
+
 /// The models as `ollama list` and `ollama ps` show them together: one line each, the default
 /// first, the resident one marked.
 async fn models(proxy: &Llm1Proxy<'_>) -> Result<(), CtlError> {
