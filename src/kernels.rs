@@ -104,6 +104,14 @@ impl Isa {
         }
     }
 
+    /// Whether a prompt's matrix product (more than `parallel::SMALL_BATCH` tokens) computes
+    /// what the f32 kernels compute, up to summation order: false where it rounds its inputs
+    /// and weights to bf16 pairs for speed ([`Isa::Avx512Bf16`]), which tests comparing logits
+    /// with another engine must allow for.
+    pub fn exact_prompts(self) -> bool {
+        !matches!(self.backend(), Ok(Some(backend)) if backend.pairs.is_some())
+    }
+
     /// The vector backend, or `None` for the reference (which bypasses the shared drivers so that
     /// it checks them too).
     fn backend(self) -> Result<Option<&'static Backend>, KernelError> {

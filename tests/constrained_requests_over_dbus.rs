@@ -3,7 +3,8 @@
 //! matches its constraint (non-ASCII text included), through `Generate` and through `Chat`'s
 //! template; a schema or
 //! grammar that does not compile, or two constraints at once, is `InvalidOption` naming the
-//! option; a constrained request cancelled mid-stream ends with `cancelled`.
+//! option; a stop string ends a constrained text as it ends any other; a constrained request
+//! cancelled mid-stream ends with `cancelled`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -98,6 +99,17 @@ async fn constraints_hold_are_checked_before_queueing_and_cancel() {
     assert!(
         ["café ☕ ok", "café ☕ non", "naïve ☕ ok", "naïve ☕ non"]
             .contains(&answer.text.as_str()),
+        "{answer:?}"
+    );
+
+    // A stop string within the constrained text ends it there, as it would unconstrained.
+    let mut stopped = with(greedy(32), &[("regex", "(ab|cd) halt (x|y)")]);
+    stopped.insert("stop", Variant::from(vec!["halt"]));
+    let request = llm.generate("Say:", stopped).await.expect("Generate");
+    let answer = collect(&mut stream, &request).await;
+    assert_eq!(answer.reason, "stop", "{answer:?}");
+    assert!(
+        ["ab", "cd"].contains(&answer.text.trim_end()) && !answer.text.contains("halt"),
         "{answer:?}"
     );
 

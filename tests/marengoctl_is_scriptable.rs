@@ -253,6 +253,12 @@ async fn status_json_complete_and_detokenize(address: &str, llm: &Llm1Proxy<'_>)
         None,
     ));
     assert_eq!(completed, format!("{text}\n"));
+    // After a generation the model is resident, and status says which.
+    let status: serde_json::Value =
+        serde_json::from_str(&stdout(&marengoctl(address, &["status", "--json"], None)))
+            .expect("status --json prints JSON");
+    assert_eq!(status["state"], "idle", "{status}");
+    assert_eq!(status["loaded_model"], status["model"], "{status}");
 
     let ids = llm.tokenize("Hello there").await.expect("Tokenize");
     let ids: Vec<String> = ids.iter().map(u32::to_string).collect();

@@ -18,6 +18,7 @@ use std::sync::{Arc, OnceLock};
 
 use marengo::chat::Message;
 use marengo::engine::{Engine, EngineOptions};
+use marengo::kernels::Isa;
 use marengo::request::{Prompt, RequestOptions};
 use marengo_testkit::binaries::marengo_export;
 use marengo_testkit::onnxruntime::{OrtGreedy, ort_greedy};
@@ -39,8 +40,13 @@ const MAX_NEW_TOKENS: usize = 40;
 const MIN_TOP1_AGREEMENT: f64 = 0.8;
 const MAX_MEAN_KL: f64 = 0.04;
 /// onnxruntime runs the same FP8 graph; differences are summation order only (measured
-/// 1.0e-4 on logits of magnitude ~25).
+/// 1.0e-4 on logits of magnitude ~25)...
 const ORT_LOGIT_TOLERANCE: f32 = 1e-3;
+/// ...where the prompt's matrix product is exact. Where it rounds to bf16 pairs
+/// (`Isa::exact_prompts`), measured 0.19 (0.8 % of the logits); the greedy tokens must still
+/// be onnxruntime's, and `tests/perplexity_measures_fidelity.rs` bounds what the rounding
+/// does to the distribution.
+const ORT_LOGIT_TOLERANCE_BF16_PROMPTS: f32 = 0.4;
 
 /// The GGUF's path, as `.ci/smollm2.sh` prints it (from its cache; it downloads only when the
 /// cache is empty, which `./test.sh` has already filled).
@@ -237,9 +243,14 @@ fn smollm2_fp8_answers_like_f32_and_onnxruntime() {
         answer.tokens, ort_greedy,
         "onnxruntime's greedy answer differs from marengo's on the same FP8 bundle"
     );
+    let tolerance = if Isa::best().exact_prompts() {
+        ORT_LOGIT_TOLERANCE
+    } else {
+        ORT_LOGIT_TOLERANCE_BF16_PROMPTS
+    };
     assert!(
-        worst <= ORT_LOGIT_TOLERANCE,
-        "logits differ from onnxruntime's by {worst}"
+        worst <= tolerance,
+        "logits differ from onnxruntime's by {worst} (allowed {tolerance})"
     );
 }
 

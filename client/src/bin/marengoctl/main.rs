@@ -605,6 +605,7 @@ async fn status(
     );
     let (context_length, queue_length) =
         (proxy.context_length().await?, proxy.queue_length().await?);
+    let (state, loaded) = (proxy.state().await?, proxy.loaded_model().await?);
     if json {
         let status = serde_json::json!({
             "service": BUS_NAME,
@@ -614,6 +615,8 @@ async fn status(
             "quantization": quantization,
             "context_length": context_length,
             "queue_length": queue_length,
+            "state": state,
+            "loaded_model": loaded,
         });
         println!("{status}");
         return Ok(());
@@ -624,6 +627,10 @@ async fn status(
     println!("quantization:   {quantization}");
     println!("context length: {context_length}");
     println!("queue length:   {queue_length}");
+    println!("state:          {state}");
+    if !loaded.is_empty() {
+        println!("loaded model:   {loaded}");
+    }
     Ok(())
 }
 
