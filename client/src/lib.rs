@@ -2,6 +2,7 @@
 //! typed proxy and the errors, shared with the daemon (which serves the same errors) and used
 //! by `marengoctl`. It depends on zbus alone, so that a client carries no model code.
 
+pub mod constraint_args;
 pub mod defaults;
 mod error;
 mod proxy;

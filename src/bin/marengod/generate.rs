@@ -15,6 +15,7 @@ use marengo::engine::{Engine, EngineOptions};
 use marengo::memory::MemoryUsage;
 use marengo::request::{Prompt, RequestError, RequestOptions};
 use marengo::sampler::ranges;
+use marengo_client::constraint_args::ConstraintArgs;
 use marengo_client::defaults;
 
 #[derive(clap::Args)]
@@ -69,16 +70,8 @@ pub struct Args {
     /// End the text before this string; may be repeated (at most 16).
     #[arg(long, value_name = "TEXT")]
     stop: Vec<String>,
-    /// Constrain the text to the JSON schema in FILE.
-    #[arg(long, value_name = "FILE", value_parser = read_file,
-          conflicts_with_all = ["regex", "grammar"])]
-    json_schema: Option<String>,
-    /// Constrain the whole text to match the regular expression RE.
-    #[arg(long, value_name = "RE", conflicts_with = "grammar")]
-    regex: Option<String>,
-    /// Constrain the text to the Lark grammar (as llguidance reads it) in FILE.
-    #[arg(long, value_name = "FILE", value_parser = read_file)]
-    grammar: Option<String>,
+    #[command(flatten)]
+    constraint: ConstraintArgs,
     /// Kernel threads (default: every core).
     #[arg(long)]
     threads: Option<usize>,
@@ -114,7 +107,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         (Some(text), None) => Prompt::Text(text),
         (None, None) => bail!("give --prompt or --prompt-ids"),
     };
-    let constraint = match (args.json_schema, args.regex, args.grammar) {
+    let given = args.constraint;
+    let constraint = match (given.json_schema, given.regex, given.grammar) {
         (Some(schema), _, _) => Some(ConstraintSpec::JsonSchema(schema)),
         (_, Some(regex), _) => Some(ConstraintSpec::Regex(regex)),
         (_, _, Some(grammar)) => Some(ConstraintSpec::Grammar(grammar)),
@@ -179,9 +173,4 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         writeln!(out, "{stats}")?;
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The contents of the file a flag names, read when the flags are parsed.
-fn read_file(path: &str) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))
 }

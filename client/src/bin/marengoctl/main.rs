@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
+use marengo_client::constraint_args::ConstraintArgs;
 use marengo_client::{BUS_NAME, Llm1Error, Llm1Proxy, defaults};
 use zbus::connection::Builder;
 use zbus::message::Type as MessageType;
@@ -170,16 +171,8 @@ struct GenerationArgs {
     /// Stop before this text; may be repeated.
     #[arg(long, value_name = "TEXT")]
     stop: Vec<String>,
-    /// Constrain the text to the JSON schema in FILE.
-    #[arg(long, value_name = "FILE", value_parser = read_file,
-          conflicts_with_all = ["regex", "grammar"])]
-    json_schema: Option<String>,
-    /// Constrain the whole text to match the regular expression RE.
-    #[arg(long, value_name = "RE", conflicts_with = "grammar")]
-    regex: Option<String>,
-    /// Constrain the text to the Lark grammar (as llguidance reads it) in FILE.
-    #[arg(long, value_name = "FILE", value_parser = read_file)]
-    grammar: Option<String>,
+    #[command(flatten)]
+    constraint: ConstraintArgs,
     /// Print the request's figures to stderr when it ends.
     #[arg(long)]
     stats: bool,
@@ -213,14 +206,8 @@ impl GenerationArgs {
         if !self.stop.is_empty() {
             options.insert("stop", Variant::from(self.stop.clone()));
         }
-        for (key, value) in [
-            ("json_schema", &self.json_schema),
-            ("regex", &self.regex),
-            ("grammar", &self.grammar),
-        ] {
-            if let Some(text) = value {
-                options.insert(key, Variant::from(text.as_str()));
-            }
+        if let Some((key, text)) = self.constraint.option() {
+            options.insert(key, Variant::from(text));
         }
         options
     }
@@ -632,11 +619,6 @@ async fn status(
         println!("loaded model:   {loaded}");
     }
     Ok(())
-}
-
-/// The contents of the file a flag names, read when the flags are parsed.
-fn read_file(path: &str) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))
 }
 
 /// The models as `ollama list` and `ollama ps` show them together: one line each, the default
