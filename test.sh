@@ -17,6 +17,7 @@ stage "prerequisites"
 .ci/dbus-deps.sh
 .ci/python-venv.sh
 .ci/smollm2.sh >/dev/null
+.ci/llama-vocab.sh >/dev/null
 
 stage "format"
 cargo fmt --all -- --check

@@ -6,9 +6,15 @@
 //! `tokenizer_config.json`, or `tokenizer.chat_template` of a GGUF file) with minijinja, set up
 //! as HuggingFace's `apply_chat_template` sets up Jinja2: `trim_blocks`, `lstrip_blocks`, loop
 //! controls, `raise_exception`, and the Python string and dict methods (`.strip()`,
-//! `.startswith()`, `.items()`, …) that templates written for Python call.
+//! `.startswith()`, `.items()`, …) that templates written for Python call. The render context
+//! is transformers': `messages`, `add_generation_prompt`, `bos_token`, `eos_token`, `tools` and
+//! `documents` as none (no tool calling here), and `strftime_now`, with which Llama 3.2's
+//! template prints today's date.
 
-use minijinja::{Environment, Error, ErrorKind, context};
+use std::ffi::CString;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use minijinja::{Environment, Error, ErrorKind, Value, context};
 use serde::Serialize;
 
 /// Name of the one template an environment holds; without an extension, so nothing is escaped.
@@ -90,6 +96,17 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String, ChatError> {
+        self.render_at(messages, add_generation_prompt, SystemTime::now())
+    }
+
+    /// [`Self::render`] with `now` as the time `strftime_now` formats, for renderings that must
+    /// not depend on the day they are made.
+    pub fn render_at(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        now: SystemTime,
+    ) -> Result<String, ChatError> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -100,12 +117,55 @@ impl ChatTemplate {
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
+                tools => Value::from(()),
+                documents => Value::from(()),
+                strftime_now => Value::from_function(move |format: String| strftime(&format, now)),
             })
             .map_err(|error| match raised_message(&error) {
                 Some(message) => ChatError::Rejected(message),
                 None => ChatError::Render(error),
             })
     }
+}
+
+/// `time` in the local time zone, formatted by the C library's `strftime`: transformers'
+/// `strftime_now` is Python's `datetime.now().strftime`, which hands the format to the same
+/// function, so the two print the same text (both in the C locale: neither process sets
+/// `LC_TIME`).
+fn strftime(format: &str, time: SystemTime) -> Result<String, Error> {
+    let invalid = |detail: &str| {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now({format:?}): {detail}"),
+        )
+    };
+    let seconds = match time.duration_since(UNIX_EPOCH) {
+        Ok(since) => since.as_secs() as libc::time_t,
+        Err(before) => -(before.duration().as_secs() as libc::time_t),
+    };
+    let c_format = CString::new(format).map_err(|_| invalid("the format contains a NUL"))?;
+    // SAFETY: an all-zero `tm` is a valid value of this plain C struct (a null `tm_zone`
+    // included), and it is overwritten below.
+    let mut local: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to live locals; localtime_r writes only to `local`.
+    if unsafe { libc::localtime_r(&seconds, &mut local) }.is_null() {
+        return Err(invalid("the time is out of the C library's range"));
+    }
+    // No conversion writes more than a few dozen bytes; a format long enough to need more is
+    // given room in proportion.
+    let mut buffer = vec![0u8; 256 + 64 * format.len()];
+    // SAFETY: strftime writes at most `buffer.len()` bytes, its terminating NUL included, reads
+    // the NUL-terminated format and `local`; it returns the length written before the NUL.
+    let written = unsafe {
+        libc::strftime(
+            buffer.as_mut_ptr().cast(),
+            buffer.len(),
+            c_format.as_ptr(),
+            &local,
+        )
+    };
+    buffer.truncate(written);
+    String::from_utf8(buffer).map_err(|_| invalid("the result is not UTF-8"))
 }
 
 fn raised_message(error: &Error) -> Option<String> {
@@ -255,6 +315,27 @@ mod tests {
             template.render(&conversation, false).unwrap(),
             "A, B, C|3\nD|1\n"
         );
+    }
+
+    #[test]
+    fn strftime_now_formats_the_render_time_and_tools_are_none() {
+        let template = ChatTemplate::new(
+            "{{ strftime_now('%d %b %Y') }}|{{ strftime_now('%Y') }}|{{ tools is none }}|{{ documents is none }}",
+            "<s>",
+            "</s>",
+        )
+        .expect("compiles");
+        // 2026-12-03 12:00 UTC: the same date in any time zone within eleven hours.
+        let noon = UNIX_EPOCH + std::time::Duration::from_secs(1_796_299_200);
+        assert_eq!(
+            template
+                .render_at(&[Message::user("x")], true, noon)
+                .unwrap(),
+            "03 Dec 2026|2026|True|True"
+        );
+        assert_eq!(strftime("", noon).unwrap(), "");
+        let error = strftime("%d\0", noon).unwrap_err();
+        assert!(error.to_string().contains("NUL"), "{error}");
     }
 
     #[test]

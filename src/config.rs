@@ -20,6 +20,10 @@ pub mod defaults {
     pub const QUEUE_CAPACITY: usize = 16;
     /// Key `max_queued_per_client`.
     pub const MAX_QUEUED_PER_CLIENT: usize = 8;
+    /// Key `parallel`: requests generated together, each with its own KV cache slot.
+    pub const PARALLEL: usize = 4;
+    /// Key `kv_memory_mib`; 0 is half of the machine's memory.
+    pub const KV_MEMORY_MIB: u64 = 0;
     /// Key `default_max_tokens`: the `max_tokens` of every entry point.
     pub const DEFAULT_MAX_TOKENS: u32 = marengo_client::defaults::MAX_TOKENS;
     /// Key `idle_unload_secs`; 0 never unloads.
@@ -36,6 +40,8 @@ pub mod defaults {
             ("threads", count(THREADS)),
             ("queue_capacity", count(QUEUE_CAPACITY)),
             ("max_queued_per_client", count(MAX_QUEUED_PER_CLIENT)),
+            ("parallel", count(PARALLEL)),
+            ("kv_memory_mib", count(KV_MEMORY_MIB as usize)),
             ("default_max_tokens", DEFAULT_MAX_TOKENS.into()),
             ("idle_unload_secs", count(IDLE_UNLOAD_SECS as usize)),
             ("verify_hashes", VERIFY_HASHES.into()),
@@ -97,7 +103,15 @@ pub struct ConfigFile {
     /// it read like the number waiting, which the D-Bus property `QueueLength` reports.
     pub queue_length: Option<usize>,
     pub max_queued_per_client: Option<usize>,
+    /// Requests generated together, each with its own KV cache slot.
+    pub parallel: Option<usize>,
+    /// The most the KV caches of `parallel` requests may hold, in MiB; 0 is half of memory.
+    pub kv_memory_mib: Option<u64>,
     pub default_max_tokens: Option<u32>,
+    /// Tokens (prompt and generated) a conversation may hold, up to each model's maximum;
+    /// unset, each model's bundle says (`context_length`, at most 4096 as exported by
+    /// default), so that the KV cache a start reserves does not jump with the maximum.
+    pub context: Option<usize>,
     pub idle_unload_secs: Option<u64>,
     pub verify_hashes: Option<bool>,
     /// `error`, `warn`, `info`, `debug` or `trace`; `RUST_LOG` overrides it.
@@ -117,8 +131,14 @@ pub struct Config {
     pub queue_capacity: usize,
     /// Requests one client may have waiting; keeps one client from filling the whole queue.
     pub max_queued_per_client: usize,
+    /// Requests generated together (decoded in one pass), each with its own KV cache slot.
+    pub parallel: usize,
+    /// The most the `parallel` KV caches may come to hold, in bytes.
+    pub kv_budget: u64,
     /// `max_tokens` of a request that does not set it.
     pub default_max_tokens: u32,
+    /// The context every model runs with; `None` is each bundle's default.
+    pub context: Option<usize>,
     /// Unmap the model after this much inactivity; `None` keeps it mapped.
     pub idle_unload_secs: Option<u64>,
     pub verify_hashes: bool,
@@ -227,10 +247,23 @@ impl ConfigFile {
                 .max_queued_per_client
                 .or(self.max_queued_per_client)
                 .unwrap_or(defaults::MAX_QUEUED_PER_CLIENT),
+            parallel: overrides
+                .parallel
+                .or(self.parallel)
+                .unwrap_or(defaults::PARALLEL),
+            kv_budget: match overrides
+                .kv_memory_mib
+                .or(self.kv_memory_mib)
+                .unwrap_or(defaults::KV_MEMORY_MIB)
+            {
+                0 => crate::memory::physical_memory().map_or(u64::MAX, |bytes| bytes / 2),
+                mib => mib.saturating_mul(1 << 20),
+            },
             default_max_tokens: overrides
                 .default_max_tokens
                 .or(self.default_max_tokens)
                 .unwrap_or(defaults::DEFAULT_MAX_TOKENS),
+            context: overrides.context.or(self.context),
             idle_unload_secs: Some(
                 overrides
                     .idle_unload_secs
@@ -254,7 +287,9 @@ impl ConfigFile {
         for (key, value) in [
             (queue_capacity_key, config.queue_capacity),
             ("max_queued_per_client", config.max_queued_per_client),
+            ("parallel", config.parallel),
             ("default_max_tokens", config.default_max_tokens as usize),
+            ("context", config.context.unwrap_or(1)),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero { key });
@@ -296,6 +331,29 @@ mod tests {
         assert_eq!(config.bus, BusChoice::Address("unix:path=/tmp/bus".into()));
         assert_eq!(config.queue_capacity, 8);
         assert_eq!(config.idle_unload_secs, None);
+    }
+
+    /// `context` is each model's own unless set; the command line wins; 0 is refused.
+    #[test]
+    fn context_is_the_bundles_unless_set() {
+        let resolve = |file: &str, cli: Option<usize>| {
+            let cli = ConfigFile {
+                context: cli,
+                ..Default::default()
+            };
+            parse(file).unwrap().resolve(cli, Path::new("f.toml"))
+        };
+        assert_eq!(resolve("", None).unwrap().context, None);
+        assert_eq!(
+            resolve("context = 8192\n", None).unwrap().context,
+            Some(8192)
+        );
+        assert_eq!(
+            resolve("context = 8192\n", Some(2048)).unwrap().context,
+            Some(2048)
+        );
+        let err = resolve("context = 0\n", None).unwrap_err();
+        assert!(err.to_string().contains("`context`"), "{err}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::Instant;
 use crate::model::{Logits, Model};
 use crate::request::GenerateRequest;
 use crate::sampler::Sampler;
-use crate::sequence::{Sequence, SequenceError};
+use crate::sequence::{Lanes, Sequence, SequenceError};
 use crate::text::{TextError, TextSide};
 use crate::tokenizer::{TextStream, Tokenizer};
 use marengo_bundle::Bundle;
@@ -80,6 +80,8 @@ pub struct EngineOptions {
     /// The positions whose logits a forward pass computes: the last one for generation,
     /// every one for scoring a text ([`crate::perplexity`]).
     pub logits: Logits,
+    /// The context to run with, up to the bundle's maximum; `None` is the bundle's default.
+    pub context: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +107,19 @@ pub enum EngineError {
     Sampling(#[from] crate::sampler::SamplingError),
     #[error(transparent)]
     Constraint(#[from] crate::constraint::ConstraintError),
+    #[error(
+        "{lanes} parallel requests need {need_mib} MiB of KV cache for {model} ({lane_mib} MiB \
+         each at its context of {context} tokens), more than the budget of {budget_mib} MiB: \
+         lower `parallel` or raise `kv_memory_mib`"
+    )]
+    KvBudget {
+        model: String,
+        lanes: usize,
+        lane_mib: u64,
+        need_mib: u64,
+        budget_mib: u64,
+        context: usize,
+    },
     #[error("setting up {threads} kernel threads: {message}")]
     Threads { threads: usize, message: String },
 }
@@ -120,7 +135,7 @@ impl Engine {
     /// Loads both sides of the bundle in `dir`.
     pub fn load(dir: &Path, options: &EngineOptions) -> Result<Arc<Engine>, EngineError> {
         let bundle = open(dir, options)?;
-        let text = Arc::new(TextSide::load(&bundle)?);
+        let text = Arc::new(TextSide::load(&bundle, options.context)?);
         Self::with_text(bundle, text, options.logits)
     }
 
@@ -143,14 +158,17 @@ impl Engine {
         text: Arc<TextSide>,
         logits: Logits,
     ) -> Result<Arc<Engine>, EngineError> {
-        let model = Arc::new(Model::load(&bundle, logits)?);
+        let context = text.context_length();
+        let model = Arc::new(Model::load_with_context(&bundle, logits, context)?);
         // Parsing and optimising the graph leaves megabytes of freed protobuf and tract
         // intermediates on the heap.
         crate::memory::release_free_heap();
         tracing::info!(
             bundle = %bundle.dir().display(),
             fp8_weights = model.fp8_weights,
-            context = text.context_length(),
+            context,
+            max_context = bundle.manifest().architecture.max_context(),
+            kv_cache_mib = kv_cache_bytes(&bundle.manifest().architecture, context) >> 20,
             "model loaded"
         );
         Ok(Arc::new(Engine {
@@ -193,8 +211,33 @@ impl Engine {
         let arch = &self.manifest().architecture;
         Ok(Sequence::new(
             self.model.clone(),
-            arch.context_length,
+            self.text.context_length(),
             arch.vocab_size,
+        )?)
+    }
+}
+
+/// The keys and values of one conversation whose context is full: what a chosen context costs
+/// in memory (resident as it fills; f32 elements).
+pub fn kv_cache_bytes(arch: &marengo_bundle::manifest::Architecture, context: usize) -> u64 {
+    let per_position = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * size_of::<f32>();
+    (per_position * context) as u64
+}
+
+impl Engine {
+    /// The KV cache of one sequence at the chosen context, in bytes: what a lane may come to
+    /// hold (its mapping is resident only as far as it is written).
+    pub fn kv_bytes_per_lane(&self) -> u64 {
+        kv_cache_bytes(&self.manifest().architecture, self.text.context_length())
+    }
+
+    /// `count` token sequences that decode together, one forward pass for all of them.
+    pub fn new_lanes(&self, count: usize) -> Result<Lanes, EngineError> {
+        Ok(Lanes::new(
+            self.model.clone(),
+            count,
+            self.text.context_length(),
+            self.manifest().architecture.vocab_size,
         )?)
     }
 }
@@ -249,82 +292,180 @@ impl Conversation {
         should_stop: &dyn Fn() -> Option<EndReason>,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<GenerationOutcome, EngineError> {
+        let mut generation = Generation::new(self.engine.text(), request)?;
+        let reused = self.sequence.reuse_prefix(request.prompt())?;
+        let mut logits = self.sequence.feed(&request.prompt()[reused..])?;
+        generation.prefilled(reused);
+        loop {
+            let cached = self.sequence.cached().len();
+            match generation.advance(&mut logits, cached, should_stop(), on_text)? {
+                Step::Feed(id) => logits = self.sequence.feed(&[id])?,
+                Step::End => return generation.finish(on_text),
+            }
+        }
+    }
+}
+
+/// What a generation asks for after choosing from a position's logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Feed this token and come back with the logits that follow it.
+    Feed(u32),
+    /// The generation has ended; [`Generation::finish`] gives its outcome.
+    End,
+}
+
+/// One request's generation, one token at a time: sampling, the constraint, the text and its
+/// stop strings, and the reason it ends. It holds no KV cache: whoever runs it feeds the
+/// prompt and every token it asks for, alone ([`Conversation::generate`]) or in a batch with
+/// others (the scheduler).
+pub struct Generation {
+    text: Arc<TextSide>,
+    sampler: Sampler,
+    stream: TextStream,
+    constraint: Option<crate::constraint::Constraint>,
+    max_tokens: usize,
+    context_length: usize,
+    prompt_tokens: usize,
+    reused: usize,
+    tokens: Vec<u32>,
+    /// Tokens fed after the prompt (decode steps).
+    steps: usize,
+    stop_string: bool,
+    reason: Option<EndReason>,
+    started: Instant,
+    prefill_s: f64,
+    decode_started: Instant,
+}
+
+impl Generation {
+    /// Starts a generation of `request` on the model whose text side is `text`; its prompt
+    /// is fed from the moment this is made.
+    pub fn new(text: &Arc<TextSide>, request: &GenerateRequest) -> Result<Self, EngineError> {
         let prompt = request.prompt();
-        let context_length = self.sequence.context_length();
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
-        let side = &self.engine.text;
         let mut sampler = Sampler::new(request.sampling().clone())?;
         sampler.observe(prompt);
-        let mut text = TextStream::new(side.tokenizer(), prompt, request.stop().iter().cloned());
-        let mut constraint = request.constraint().cloned();
+        let now = Instant::now();
+        Ok(Generation {
+            text: Arc::clone(text),
+            sampler,
+            stream: TextStream::new(text.tokenizer(), prompt, request.stop().iter().cloned()),
+            constraint: request.constraint().cloned(),
+            max_tokens: request.max_tokens(),
+            context_length: text.context_length(),
+            prompt_tokens: prompt.len(),
+            reused: 0,
+            tokens: Vec::new(),
+            steps: 0,
+            stop_string: false,
+            reason: None,
+            started: now,
+            prefill_s: 0.0,
+            decode_started: now,
+        })
+    }
 
-        let prefill_start = Instant::now();
-        let reused = self.sequence.reuse_prefix(prompt)?;
-        let mut logits = self.sequence.feed(&prompt[reused..])?;
-        let prefill_s = prefill_start.elapsed().as_secs_f64();
+    /// The prompt has been fed, `reused` of its tokens from a cache that held them.
+    pub fn prefilled(&mut self, reused: usize) {
+        self.reused = reused;
+        self.prefill_s = self.started.elapsed().as_secs_f64();
+        self.decode_started = Instant::now();
+    }
 
-        let decode_start = Instant::now();
-        let mut tokens = Vec::new();
-        let mut steps = 0;
-        let mut stop_string = false;
-        let reason = loop {
-            if let Some(reason) = should_stop() {
-                break reason;
+    /// Chooses the next token from the `logits` after the last token fed (`cached` tokens are
+    /// now in the cache), unless `stop` (a cancel, a departure, a shutdown) or the request's
+    /// own end says otherwise. Text that the token completes goes to `on_text`.
+    pub fn advance(
+        &mut self,
+        logits: &mut [f32],
+        cached: usize,
+        stop: Option<EndReason>,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Step, EngineError> {
+        if self.reason.is_some() {
+            return Ok(Step::End);
+        }
+        if !self.tokens.is_empty() {
+            self.steps += 1;
+        }
+        let reason = self.choose(logits, cached, stop, on_text)?;
+        match reason {
+            Ok(id) => Ok(Step::Feed(id)),
+            Err(reason) => {
+                self.reason = Some(reason);
+                Ok(Step::End)
             }
-            if tokens.len() >= request.max_tokens() {
-                break EndReason::Length;
-            }
-            if let Some(constraint) = &mut constraint {
-                constraint.mask(&mut logits)?;
-            }
-            let id = sampler.sample(&logits)?;
-            tokens.push(id);
-            if side.is_eos(id) {
-                break EndReason::Stop;
-            }
-            let complete = match &mut constraint {
-                Some(constraint) => constraint.commit(id)?,
-                None => false,
-            };
-            let piece = text.push(id)?;
-            if !piece.text.is_empty() {
-                on_text(&piece.text);
-            }
-            if piece.stopped {
-                stop_string = true;
-                break EndReason::Stop;
-            }
-            if complete {
-                break EndReason::Stop;
-            }
-            if tokens.len() >= request.max_tokens() {
-                break EndReason::Length;
-            }
-            if self.sequence.cached().len() >= context_length {
-                break EndReason::Length;
-            }
-            logits = self.sequence.feed(&[id])?;
-            steps += 1;
+        }
+    }
+
+    fn choose(
+        &mut self,
+        logits: &mut [f32],
+        cached: usize,
+        stop: Option<EndReason>,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Result<u32, EndReason>, EngineError> {
+        if let Some(reason) = stop {
+            return Ok(Err(reason));
+        }
+        if self.tokens.len() >= self.max_tokens {
+            return Ok(Err(EndReason::Length));
+        }
+        if let Some(constraint) = &mut self.constraint {
+            constraint.mask(logits)?;
+        }
+        let id = self.sampler.sample(logits)?;
+        self.tokens.push(id);
+        if self.text.is_eos(id) {
+            return Ok(Err(EndReason::Stop));
+        }
+        let complete = match &mut self.constraint {
+            Some(constraint) => constraint.commit(id)?,
+            None => false,
         };
-        if !stop_string {
-            let tail = text.finish()?;
+        let piece = self.stream.push(id)?;
+        if !piece.text.is_empty() {
+            on_text(&piece.text);
+        }
+        if piece.stopped {
+            self.stop_string = true;
+            return Ok(Err(EndReason::Stop));
+        }
+        if complete {
+            return Ok(Err(EndReason::Stop));
+        }
+        if self.tokens.len() >= self.max_tokens || cached >= self.context_length {
+            return Ok(Err(EndReason::Length));
+        }
+        Ok(Ok(id))
+    }
+
+    /// The outcome of an ended generation; the text held back (a possible start of a stop
+    /// string that never completed) goes to `on_text`.
+    pub fn finish(
+        mut self,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<GenerationOutcome, EngineError> {
+        if !self.stop_string {
+            let tail = self.stream.finish()?;
             if !tail.is_empty() {
                 on_text(&tail);
             }
         }
-        let decode_s = decode_start.elapsed().as_secs_f64();
-        let fed = prompt.len() - reused;
+        let decode_s = self.decode_started.elapsed().as_secs_f64();
+        let fed = self.prompt_tokens - self.reused;
         Ok(GenerationOutcome {
-            reason,
-            prompt_tokens: prompt.len(),
-            reused_tokens: reused,
-            generated_tokens: tokens.len(),
-            tokens,
-            prefill_tokens_per_s: rate(fed, prefill_s),
-            decode_tokens_per_s: rate(steps, decode_s),
-            constraint_s_per_token: constraint.map(|c| c.cost_per_token().as_secs_f64()),
+            reason: self.reason.unwrap_or(EndReason::Error),
+            prompt_tokens: self.prompt_tokens,
+            reused_tokens: self.reused,
+            generated_tokens: self.tokens.len(),
+            tokens: self.tokens,
+            prefill_tokens_per_s: rate(fed, self.prefill_s),
+            decode_tokens_per_s: rate(self.steps, decode_s),
+            constraint_s_per_token: self.constraint.map(|c| c.cost_per_token().as_secs_f64()),
         })
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod memory;
 
+pub mod batch;
 pub mod chat;
 pub mod config;
 pub mod constraint;

@@ -16,6 +16,25 @@ pub fn release_free_heap() {
     }
 }
 
+/// The machine's physical memory in bytes (`MemTotal` of `/proc/meminfo`), `None` where it
+/// cannot be read.
+pub fn physical_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    bytes_field(&text, "MemTotal:")
+}
+
+/// The figure of the line starting with `name` in a `/proc` file that states kB, in bytes.
+fn bytes_field(text: &str, name: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(name))?;
+    let kib: u64 = line[name.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 /// Resident memory in bytes, from `/proc/self/smaps_rollup`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MemoryUsage {
@@ -32,18 +51,8 @@ impl MemoryUsage {
     }
 
     fn parse(text: &str) -> Option<MemoryUsage> {
-        let field = |name: &str| -> Option<u64> {
-            let line = text.lines().find(|l| l.starts_with(name))?;
-            let kib: u64 = line[name.len()..]
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .ok()?;
-            Some(kib * 1024)
-        };
-        let rss = field("Rss:")?;
-        let anonymous = field("Anonymous:")?;
+        let rss = bytes_field(text, "Rss:")?;
+        let anonymous = bytes_field(text, "Anonymous:")?;
         Some(MemoryUsage {
             rss,
             anonymous,

@@ -58,6 +58,7 @@ pub struct ModelInfo {
     pub name: String,
     pub dir: PathBuf,
     pub quantization: String,
+    /// The context a run gives it: the one chosen (`context`), or the bundle's default.
     pub context_length: usize,
     /// The bundle's files as its manifest lists them, the manifest included.
     pub size_bytes: u64,
@@ -89,6 +90,8 @@ pub struct Models {
     bundle: Option<PathBuf>,
     /// The configured `model`: the default's name when no `bundle` is set.
     default_name: Option<String>,
+    /// The configured `context`; `None` runs each model with its bundle's default.
+    context: Option<usize>,
     /// Text sides by bundle directory. A side whose bundle changed on disk is read again, so
     /// a reinstalled model is served as it now is.
     texts: Mutex<HashMap<PathBuf, Arc<TextSide>>>,
@@ -100,8 +103,14 @@ impl Models {
             dirs,
             bundle,
             default_name,
+            context: None,
             texts: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Runs every model with `context` (up to each one's maximum) instead of its default.
+    pub fn with_context(self, context: Option<usize>) -> Self {
+        Models { context, ..self }
     }
 
     pub fn dirs(&self) -> &[PathBuf] {
@@ -110,7 +119,11 @@ impl Models {
 
     /// Every model, the default first, then by directory and name.
     pub fn list(&self) -> Vec<ModelInfo> {
-        let mut models: Vec<ModelInfo> = self.bundle.iter().filter_map(|d| describe(d)).collect();
+        let mut models: Vec<ModelInfo> = self
+            .bundle
+            .iter()
+            .filter_map(|d| describe(d, self.context))
+            .collect();
         for dir in &self.dirs {
             let Ok(entries) = std::fs::read_dir(dir) else {
                 continue;
@@ -118,7 +131,7 @@ impl Models {
             let mut found: Vec<ModelInfo> = entries
                 .filter_map(Result::ok)
                 .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-                .filter_map(|e| describe(&e.path()))
+                .filter_map(|e| describe(&e.path(), self.context))
                 .filter(|m| !models.iter().any(|known| known.name == m.name))
                 .collect();
             found.sort_by(|a, b| a.name.cmp(&b.name));
@@ -138,7 +151,8 @@ impl Models {
     pub fn default_model(&self) -> Result<ModelInfo, ModelsError> {
         let models = self.list();
         if let Some(bundle) = &self.bundle {
-            return describe(bundle).ok_or_else(|| ModelsError::NoModel(vec![bundle.clone()]));
+            return describe(bundle, self.context)
+                .ok_or_else(|| ModelsError::NoModel(vec![bundle.clone()]));
         }
         if let Some(name) = &self.default_name {
             return models
@@ -190,9 +204,11 @@ impl Models {
             dir: model.dir.clone(),
             source,
         })?;
-        let text = Arc::new(TextSide::load(&bundle).map_err(|source| ModelsError::Text {
-            dir: model.dir.clone(),
-            source,
+        let text = Arc::new(TextSide::load(&bundle, self.context).map_err(|source| {
+            ModelsError::Text {
+                dir: model.dir.clone(),
+                source,
+            }
         })?);
         texts.insert(model.dir.clone(), Arc::clone(&text));
         Ok(text)
@@ -208,8 +224,10 @@ impl Models {
 }
 
 /// The model in `dir`, when it holds a readable bundle manifest; anything else (a stray file,
-/// a directory that is not a bundle, one the daemon may not read) is not a model.
-fn describe(dir: &Path) -> Option<ModelInfo> {
+/// a directory that is not a bundle, one the daemon may not read) is not a model. Its context
+/// is `context` where the model reaches it; one that does not is listed with its maximum, and
+/// refused with both numbers when its text side is loaded.
+fn describe(dir: &Path, context: Option<usize>) -> Option<ModelInfo> {
     let path = dir.join(MANIFEST_FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
@@ -230,7 +248,10 @@ fn describe(dir: &Path) -> Option<ModelInfo> {
         name,
         dir: dir.to_owned(),
         quantization: quantization_name(&manifest),
-        context_length: manifest.architecture.context_length,
+        context_length: manifest
+            .architecture
+            .run_context(context)
+            .unwrap_or(manifest.architecture.max_context()),
         size_bytes: text.len() as u64 + manifest.files.values().map(|f| f.size).sum::<u64>(),
         manifest,
     })

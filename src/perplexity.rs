@@ -228,11 +228,11 @@ pub fn evaluate(
             return Err(PerplexityError::TokenizationMismatch);
         }
     }
-    let context = model.manifest().architecture.context_length;
+    let context = model.text().context_length();
     let windows = Windows::new(tokens.len(), window.unwrap_or(context))?;
     for (which, engine) in [("model", Some(model)), ("reference", reference)] {
         let Some(engine) = engine else { continue };
-        let context = engine.manifest().architecture.context_length;
+        let context = engine.text().context_length();
         if windows.len > context {
             return Err(PerplexityError::WindowExceedsContext {
                 window: windows.len,

@@ -109,7 +109,10 @@ impl std::fmt::Display for PromptLength {
 pub enum RequestError {
     #[error("Chat needs at least one message")]
     NoMessages,
-    #[error("this model's bundle has no chat template")]
+    #[error(
+        "this model's bundle has no chat template (marengo-export convert --chat-template FILE \
+         gives it one)"
+    )]
     NoChatTemplate,
     #[error(transparent)]
     Chat(#[from] ChatError),

@@ -83,10 +83,26 @@ pub struct ServeArgs {
     ))]
     pub max_queued_per_client: Option<usize>,
     #[arg(long, value_name = "N", help = format!(
+        "Requests generated together, each with its own KV cache slot (key `parallel`, \
+         default {})",
+        defaults::PARALLEL
+    ))]
+    pub parallel: Option<usize>,
+    #[arg(long, value_name = "MIB", help = format!(
+        "The most the parallel requests' KV caches may hold, in MiB; 0 is half of the \
+         machine's memory (key `kv_memory_mib`, default {})",
+        defaults::KV_MEMORY_MIB
+    ))]
+    pub kv_memory_mib: Option<u64>,
+    #[arg(long, value_name = "N", help = format!(
         "max_tokens of a request that sets none (key `default_max_tokens`, default {})",
         defaults::DEFAULT_MAX_TOKENS
     ))]
     pub default_max_tokens: Option<u32>,
+    /// Tokens, prompt and generated, a conversation may hold, up to each model's maximum
+    /// (key `context`; default: each bundle's own, at most 4096 as exported by default).
+    #[arg(long, value_name = "TOKENS")]
+    pub context: Option<usize>,
     #[arg(long, value_name = "SECONDS", help = format!(
         "Unmap the model's weights after this many idle seconds; 0 never (key \
          `idle_unload_secs`, default {})",
@@ -153,7 +169,10 @@ impl ServeArgs {
             queue_capacity: self.queue_capacity,
             queue_length: self.queue_length,
             max_queued_per_client: self.max_queued_per_client,
+            parallel: self.parallel,
+            kv_memory_mib: self.kv_memory_mib,
             default_max_tokens: self.default_max_tokens,
+            context: self.context,
             idle_unload_secs: self.idle_unload_secs,
             verify_hashes: self.verify_hashes.then_some(true),
             log_level: self.log_level.clone(),
@@ -320,18 +339,24 @@ async fn start_scheduler(config: &Config) -> Result<(Arc<Scheduler>, Arc<Models>
     let engine_options = EngineOptions {
         threads: config.threads,
         verify_hashes: config.verify_hashes,
+        context: config.context,
         ..EngineOptions::default()
     };
     let options = SchedulerOptions {
         queue_capacity: config.queue_capacity,
         max_queued_per_client: config.max_queued_per_client,
+        parallel: config.parallel,
+        kv_budget: config.kv_budget,
         idle_unload: config.idle_unload_secs.map(Duration::from_secs),
     };
-    let models = Arc::new(Models::new(
-        config.models_dirs.clone(),
-        config.bundle.clone(),
-        config.model.clone(),
-    ));
+    let models = Arc::new(
+        Models::new(
+            config.models_dirs.clone(),
+            config.bundle.clone(),
+            config.model.clone(),
+        )
+        .with_context(config.context),
+    );
     // A configured bundle must load; the models directories may hold none.
     let default = match &config.bundle {
         Some(dir) => Some(dir.clone()),
@@ -358,6 +383,12 @@ async fn start_scheduler(config: &Config) -> Result<(Arc<Scheduler>, Arc<Models>
                         source: Box::new(source),
                     })?;
             models.remember(engine.text());
+            crate::batch::check_kv_budget(&engine, config.parallel, config.kv_budget).map_err(
+                |source| ServeError::Bundle {
+                    path: engine.text().dir().to_path_buf(),
+                    source: Box::new(source),
+                },
+            )?;
             Some(engine)
         }
         None => None,
@@ -399,11 +430,10 @@ async fn report_status(scheduler: Arc<Scheduler>) {
     loop {
         ticks.tick().await;
         let status = scheduler.status();
-        let mut line = format!(
-            "{} waiting, {}",
-            status.waiting,
-            if status.running { "generating" } else { "idle" }
-        );
+        let mut line = match status.running {
+            0 => format!("{} waiting, idle", status.waiting),
+            running => format!("{} waiting, {running} generating", status.waiting),
+        };
         if let Some(speed) = status.last_decode_tokens_per_s {
             line.push_str(&format!(", last decode {speed:.1} tokens/s"));
         }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use marengo_bundle::Bundle;
+use marengo_bundle::architecture::ContextError;
 use marengo_bundle::manifest::{Manifest, TOKENIZER_FILE};
 
 use crate::chat::{ChatError, ChatTemplate};
@@ -23,6 +24,8 @@ pub enum TextError {
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
     Chat(#[from] ChatError),
+    #[error(transparent)]
+    Context(#[from] ContextError),
 }
 
 /// A bundle's tokenizer, chat template and manifest; shared with `Arc`.
@@ -32,6 +35,8 @@ pub struct TextSide {
     tokenizer: Tokenizer,
     chat_template: Option<ChatTemplate>,
     name: String,
+    /// The context this run gives the model: chosen at start, up to the bundle's maximum.
+    context_length: usize,
     /// Made by the first constrained request: most daemons never need it.
     compiler: OnceLock<Result<Compiler, ConstraintError>>,
     /// The bundle directory, from which the weights side is loaded when it is needed.
@@ -39,8 +44,10 @@ pub struct TextSide {
 }
 
 impl TextSide {
-    /// Reads the text side of an opened bundle; it keeps nothing of the bundle's mapping.
-    pub fn load(bundle: &Bundle) -> Result<TextSide, TextError> {
+    /// Reads the text side of an opened bundle, for a run of the `context` asked for (the
+    /// bundle's default when `None`); it keeps nothing of the bundle's mapping.
+    pub fn load(bundle: &Bundle, context: Option<usize>) -> Result<TextSide, TextError> {
+        let context_length = bundle.manifest().architecture.run_context(context)?;
         let tokenizer = Tokenizer::from_file(&bundle.dir().join(TOKENIZER_FILE))?;
         let manifest = bundle.manifest().clone();
         let chat_template = match &manifest.chat_template {
@@ -67,6 +74,7 @@ impl TextSide {
             tokenizer,
             chat_template,
             name,
+            context_length,
             compiler: OnceLock::new(),
             dir: bundle.dir().to_owned(),
         })
@@ -87,7 +95,7 @@ impl TextSide {
 
     /// The most tokens, prompt and generated, one conversation can hold.
     pub fn context_length(&self) -> usize {
-        self.manifest.architecture.context_length
+        self.context_length
     }
 
     /// Human-readable model name: the bundle directory's name.

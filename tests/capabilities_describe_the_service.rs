@@ -19,7 +19,18 @@ fn dict(value: &OwnedVariant) -> HashMap<String, OwnedVariant> {
 async fn capabilities_list_what_the_service_accepts() {
     let dir = scratch_dir("capabilities");
     let bus = Bus::session_like(&dir);
-    let _daemon = Daemon::start(&dir, &bus.address, &["--queue-capacity", "5"]);
+    let _daemon = Daemon::start(
+        &dir,
+        &bus.address,
+        &[
+            "--queue-capacity",
+            "5",
+            "--parallel",
+            "3",
+            "--kv-memory-mib",
+            "700",
+        ],
+    );
     let connection = connect(&bus.address).await;
     let llm = proxy(&connection).await;
     let capabilities = llm.capabilities().await.expect("Capabilities");
@@ -31,6 +42,8 @@ async fn capabilities_list_what_the_service_accepts() {
     assert_eq!(limit("max_tokens"), context - 1);
     assert_eq!(limit("queue_capacity"), 5);
     assert_eq!(limit("max_queued_per_client"), 8);
+    assert_eq!(limit("parallel"), 3);
+    assert_eq!(limit("kv_memory_mib"), 700);
 
     let features =
         Vec::<String>::try_from(capabilities["features"].clone()).expect("features is as");

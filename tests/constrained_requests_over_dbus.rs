@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use marengo::dbus::Llm1Error;
 use marengo_testkit::dbus::{
-    Bus, Daemon, Signal, collect, connect, greedy, next_signal, proxy, signals,
+    Bus, Daemon, Signal, cancel_aside, collect, connect, greedy, next_signal, proxy, signals,
 };
 use marengo_testkit::scratch_dir;
 use zbus::Variant;
@@ -120,11 +120,12 @@ async fn constraints_hold_are_checked_before_queueing_and_cancel() {
         .await
         .expect("Generate");
     let mut text = String::new();
+    let mut cancel = None;
     let reason = loop {
         match next_signal(&mut stream, Duration::from_secs(120)).await {
             Some(Signal::Token { text: piece, .. }) => {
-                if text.is_empty() {
-                    llm.cancel(&request.as_ref()).await.expect("Cancel");
+                if cancel.is_none() {
+                    cancel = Some(cancel_aside(&llm, &request));
                 }
                 text.push_str(&piece);
             }
@@ -132,6 +133,11 @@ async fn constraints_hold_are_checked_before_queueing_and_cancel() {
             None => panic!("{request} never finished"),
         }
     };
+    cancel
+        .expect("a token came before the end")
+        .await
+        .expect("the cancel task")
+        .expect("Cancel");
     assert_eq!(reason, "cancelled", "{text:?}");
     assert!(
         !text.is_empty() && text.len() < 3000 && text.bytes().all(|b| b.is_ascii_lowercase()),

@@ -1,6 +1,6 @@
 //! The engine against its two references, on the tiny golden checkpoints:
 //!
-//! - an f32 bundle gives HuggingFace transformers' float32 logits (within 1e-3, at every
+//! - an f32 bundle gives HuggingFace transformers' float32 logits (within 1e-4, at every
 //!   prompt position and every greedy step) and the same 20 greedy tokens, whether the
 //!   prompt is fed at once or one token at a time through the KV cache;
 //! - an FP8 bundle (per-channel and blocked scales) gives onnxruntime's greedy tokens on the
@@ -19,6 +19,9 @@ use safetensors::SafeTensors;
 use tract_onnx::prelude::TDim;
 
 const TOLERANCE: f32 = 1e-3;
+/// An f32 bundle against transformers float32 (issue 18's bar): measured at most 4.8e-6 on
+/// every golden, fed token by token or at once, from HF directories and GGUF files.
+const F32_TOLERANCE: f32 = 1e-4;
 
 struct Golden {
     config: PathBuf,
@@ -124,7 +127,7 @@ fn load(bundle: &Path) -> std::sync::Arc<Engine> {
 }
 
 /// Whatever the head's form (f32 or FP8, tied or not, with the FP8 residual or not), the
-/// loaded plan computes the logits of the last position only.
+/// loaded plan computes the logits of the last position only (and no window mask).
 fn assert_head_reads_the_last_position(name: &str, bundle: &Path) {
     let bundle = marengo_bundle::Bundle::open(bundle).expect("bundle opens");
     let model = Model::load(&bundle, Logits::LastPosition).expect("model loads");
@@ -138,6 +141,12 @@ fn assert_head_reads_the_last_position(name: &str, bundle: &Path) {
         "{name}: logits of shape {:?} are computed for every position",
         logits.shape
     );
+    // A sliding window's mask is the graph's statement for other engines; the plan runs the
+    // window itself and computes no mask.
+    assert!(
+        typed.nodes().iter().all(|n| !n.name.starts_with("window.")),
+        "{name}: the plan computes the window's mask"
+    );
 }
 
 fn f32_bundle_matches_transformers(name: &'static str) {
@@ -150,6 +159,15 @@ fn f32_bundle_from_matches_transformers(name: &'static str, source: Source) {
     let bundle = bundle(&golden, scratch.path(), Kind::F32, source);
     assert_head_reads_the_last_position(name, &bundle);
     let engine = load(&bundle);
+    let declared: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&golden.config).expect("config")).expect("json");
+    if declared["model_type"] == "mistral" {
+        assert_eq!(
+            engine.manifest().architecture.sliding_window,
+            declared["sliding_window"].as_u64().map(|w| w as usize),
+            "{name}: the manifest records the window a Mistral config declares"
+        );
+    }
     let mut session = engine.new_sequence().expect("session");
     let vocab = golden.vocab;
 
@@ -161,7 +179,7 @@ fn f32_bundle_from_matches_transformers(name: &'static str, source: Source) {
     let worst = max_abs_diff(&logits, &golden.logits[..golden.prompt.len() * vocab]);
     println!("{name}: f32 prompt logits, token by token: max |diff| {worst:.3e}");
     assert!(
-        worst <= TOLERANCE,
+        worst <= F32_TOLERANCE,
         "{name}: prompt logits differ by {worst}"
     );
 
@@ -174,7 +192,7 @@ fn f32_bundle_from_matches_transformers(name: &'static str, source: Source) {
     );
     println!("{name}: f32 greedy-step logits: max |diff| {worst:.3e}");
     assert!(
-        worst <= TOLERANCE,
+        worst <= F32_TOLERANCE,
         "{name}: greedy-step logits differ by {worst}"
     );
     assert_eq!(
@@ -201,6 +219,14 @@ fn f32_llama3_scaled_matches_transformers() {
 #[test]
 fn f32_qwen2_bias_matches_transformers() {
     f32_bundle_matches_transformers("qwen2-bias");
+}
+
+/// A window of 5 positions, shorter than the 12-token prompt and the 20 greedy steps: fed
+/// token by token (the decode kernel from the window's start) and as one chunk (tract's kernel
+/// with the window's mask), then decoded.
+#[test]
+fn f32_mistral_window_matches_transformers() {
+    f32_bundle_matches_transformers("mistral-window");
 }
 
 #[test]
@@ -244,6 +270,12 @@ fn fp8_bundle_from_matches_onnxruntime(name: &'static str, kind: Kind, source: S
         worst <= TOLERANCE,
         "{name} {kind}: logits differ from onnxruntime by {worst}"
     );
+}
+
+/// The window as the graph states it (its mask, for onnxruntime) and as the engine runs it.
+#[test]
+fn fp8_mistral_window_matches_onnxruntime() {
+    fp8_bundle_matches_onnxruntime("mistral-window", Kind::Fp8);
 }
 
 #[test]

@@ -4,7 +4,9 @@
 use std::time::{Duration, Instant};
 
 use marengo::dbus::Llm1Proxy;
-use marengo_testkit::dbus::{Bus, Daemon, collect, connect, greedy, next_signal, proxy, signals};
+use marengo_testkit::dbus::{
+    Bus, Daemon, cancel_aside, collect, connect, greedy, next_signal, proxy, signals,
+};
 use marengo_testkit::scratch_dir;
 use zbus::Connection;
 
@@ -20,7 +22,7 @@ fn weights_mapped(daemon: &Daemon) -> bool {
 async fn mapped_while_generating(
     daemon: &Daemon,
     connection: &Connection,
-    llm: &Llm1Proxy<'_>,
+    llm: &Llm1Proxy<'static>,
 ) -> bool {
     let mut stream = signals(connection).await;
     let request = llm
@@ -34,8 +36,9 @@ async fn mapped_while_generating(
         "{first:?}"
     );
     let mapped = weights_mapped(daemon);
-    llm.cancel(&request.as_ref()).await.expect("Cancel");
+    let cancel = cancel_aside(llm, &request);
     let end = collect(&mut stream, &request).await;
+    cancel.await.expect("the cancel task").expect("Cancel");
     assert_eq!(end.reason, "cancelled", "{end:?}");
     mapped
 }

@@ -17,21 +17,40 @@ async fn busy_past_the_bounds_and_clients_take_turns() {
     let daemon = Daemon::start(
         &dir,
         &bus.address,
-        // The deprecated spelling of --queue-capacity, so that the alias stays covered.
-        &["--queue-length", "4", "--max-queued-per-client", "3"],
+        // The deprecated spelling of --queue-capacity, so that the alias stays covered. One
+        // request runs at a time, so that the others wait in the queue this test is about.
+        &[
+            "--queue-length",
+            "4",
+            "--max-queued-per-client",
+            "3",
+            "--parallel",
+            "1",
+        ],
     );
     let alice = connect(&bus.address).await;
     let bob = connect(&bus.address).await;
     let carol = connect(&bus.address).await;
-    let mut observed = signals(&alice).await;
+    let mut observed_stream = signals(&alice).await;
     let mut bob_signals = signals(&bob).await;
     let (alice_llm, bob_llm, carol_llm) =
         (proxy(&alice).await, proxy(&bob).await, proxy(&carol).await);
 
     // Alice's first request runs (long); three more wait: her share.
     let a1 = alice_llm.generate("One", greedy(4000)).await.expect("a1");
-    let first = next_signal(&mut observed, Duration::from_secs(60)).await;
+    let first = next_signal(&mut observed_stream, Duration::from_secs(60)).await;
     assert_eq!(first.as_ref().map(|s| s.request()), Some(a1.as_str()));
+    // Alice's signals are read all along: a stream nobody reads stops the connection's
+    // reader once its buffer is full, and with it the replies to her calls below.
+    let (alice_signals, mut observed) = tokio::sync::mpsc::unbounded_channel();
+    let mut stream = observed_stream;
+    tokio::spawn(async move {
+        while let Some(signal) = next_signal(&mut stream, Duration::from_secs(3600)).await {
+            if alice_signals.send(signal).is_err() {
+                break;
+            }
+        }
+    });
     let mut alice_waiting: Vec<OwnedObjectPath> = Vec::new();
     for prompt in ["Two", "Three", "Four"] {
         alice_waiting.push(
@@ -71,7 +90,11 @@ async fn busy_past_the_bounds_and_clients_take_turns() {
     // Every request ends; a1 as cancelled.
     let mut alice_reasons: HashMap<String, String> = HashMap::new();
     while alice_reasons.len() < 4 {
-        match next_signal(&mut observed, Duration::from_secs(60)).await {
+        match tokio::time::timeout(Duration::from_secs(60), observed.recv())
+            .await
+            .ok()
+            .flatten()
+        {
             Some(Signal::Finished {
                 request, reason, ..
             }) => {

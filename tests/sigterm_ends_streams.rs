@@ -14,7 +14,8 @@ const SHUTDOWN_BOUND: Duration = Duration::from_secs(10);
 async fn sigterm_ends_running_and_waiting_streams_with_shutdown() {
     let dir = scratch_dir("sigterm_ends_streams");
     let bus = Bus::session_like(&dir);
-    let mut daemon = Daemon::start(&dir, &bus.address, &[]);
+    // One request at a time, so that the second one waits: both kinds must end.
+    let mut daemon = Daemon::start(&dir, &bus.address, &["--parallel", "1"]);
 
     let alice = connect(&bus.address).await;
     let bob = connect(&bus.address).await;

@@ -25,6 +25,8 @@ pub enum ArchitectureField {
     IntermediateSize,
     VocabSize,
     ContextLength,
+    MaxContextLength,
+    SlidingWindow,
 }
 
 impl ArchitectureField {
@@ -39,6 +41,8 @@ impl ArchitectureField {
             ArchitectureField::IntermediateSize => "intermediate_size",
             ArchitectureField::VocabSize => "vocab_size",
             ArchitectureField::ContextLength => "context_length",
+            ArchitectureField::MaxContextLength => "max_context_length",
+            ArchitectureField::SlidingWindow => "sliding_window",
         }
     }
 }
@@ -52,6 +56,8 @@ pub enum ArchitectureRule {
     DividesHeads { heads: usize },
     /// The rotary embedding rotates the two halves of a head.
     Even,
+    /// The maximum context covers the default one.
+    CoversContext { context: usize },
 }
 
 impl fmt::Display for ArchitectureRule {
@@ -63,6 +69,9 @@ impl fmt::Display for ArchitectureRule {
             }
             ArchitectureRule::Even => {
                 write!(f, "rotary embedding needs an even head dimension")
+            }
+            ArchitectureRule::CoversContext { context } => {
+                write!(f, "must be at least the default context, {context}")
             }
         }
     }
@@ -77,7 +86,39 @@ pub struct ArchitectureError {
     pub rule: ArchitectureRule,
 }
 
+/// Why a run cannot have the context it asked for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContextError {
+    #[error("a context of 0 tokens holds no prompt")]
+    Zero,
+    #[error(
+        "a context of {requested} tokens is beyond this model's maximum of {max} \
+         (its rotary tables and training end there)"
+    )]
+    BeyondMaximum { requested: usize, max: usize },
+}
+
 impl Architecture {
+    /// The longest context a run may choose; bundles that predate the choice have their
+    /// default context as maximum.
+    pub fn max_context(&self) -> usize {
+        self.max_context_length.unwrap_or(self.context_length)
+    }
+
+    /// The context a run has: `requested`, up to [`max_context`](Self::max_context), or the
+    /// bundle's default.
+    pub fn run_context(&self, requested: Option<usize>) -> Result<usize, ContextError> {
+        match requested {
+            None => Ok(self.context_length),
+            Some(0) => Err(ContextError::Zero),
+            Some(requested) if requested > self.max_context() => Err(ContextError::BeyondMaximum {
+                requested,
+                max: self.max_context(),
+            }),
+            Some(requested) => Ok(requested),
+        }
+    }
+
     /// Checks the shape can be built as a bundle's graph; the first broken rule is returned.
     pub fn validate(&self) -> Result<(), ArchitectureError> {
         use ArchitectureField as F;
@@ -91,6 +132,8 @@ impl Architecture {
             (F::IntermediateSize, self.intermediate_size),
             (F::VocabSize, self.vocab_size),
             (F::ContextLength, self.context_length),
+            (F::MaxContextLength, self.max_context()),
+            (F::SlidingWindow, self.sliding_window.unwrap_or(1)),
         ] {
             if value == 0 {
                 return broken(field, value, ArchitectureRule::Positive);
@@ -107,6 +150,15 @@ impl Architecture {
         }
         if !self.head_dim.is_multiple_of(2) {
             return broken(F::HeadDim, self.head_dim, ArchitectureRule::Even);
+        }
+        if self.max_context() < self.context_length {
+            return broken(
+                F::MaxContextLength,
+                self.max_context(),
+                ArchitectureRule::CoversContext {
+                    context: self.context_length,
+                },
+            );
         }
         Ok(())
     }

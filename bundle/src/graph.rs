@@ -40,6 +40,13 @@ pub const INPUT_IDS: &str = "input_ids";
 pub const POSITION_IDS: &str = "position_ids";
 /// Next-token logits, f32 `[batch, sequence_length, vocab_size]`.
 pub const LOGITS: &str = "logits";
+/// A sliding window's additive mask, f32 `[batch, 1, sequence_length, total_sequence_length]`
+/// (0 where a query at position `p` sees the key at `j`: `0 ≤ p − j < sliding_window`, −∞
+/// elsewhere), computed in the graph from `position_ids` and the past's length and given to
+/// every `Attention` as `attn_mask`. Only bundles whose `sliding_window` is shorter than their
+/// maximum context have it; the engine, which runs the window itself from the manifest,
+/// disconnects it.
+pub const WINDOW_MASK: &str = "attention.window_mask";
 
 /// Symbolic dimension: sequences in a batch.
 pub const BATCH: &str = "batch";

@@ -74,9 +74,9 @@ pub const LAYER_MODULES: [&str; 9] = [
 
 /// Suffix of a quantized tensor's scale: `W` is dequantized with `W` + `SCALE_SUFFIX`.
 pub const SCALE_SUFFIX: &str = "_scale";
-/// The rotary cosine cache, f32 `[context_length, head_dim / 2]`.
+/// The rotary cosine cache, f32 `[max_context, head_dim / 2]` ([`Architecture::max_context`]).
 pub const ROPE_COS: &str = "rope.cos_cache";
-/// The rotary sine cache, f32 `[context_length, head_dim / 2]`.
+/// The rotary sine cache, f32 `[max_context, head_dim / 2]`.
 pub const ROPE_SIN: &str = "rope.sin_cache";
 
 /// Every weight tensor of the model, embedding first and LM head last.
@@ -162,7 +162,7 @@ pub struct StoredWeight {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredTensors {
     pub weights: Vec<StoredWeight>,
-    /// [`ROPE_COS`] and [`ROPE_SIN`], f32 `[context_length, head_dim / 2]`.
+    /// [`ROPE_COS`] and [`ROPE_SIN`], f32 `[max_context, head_dim / 2]`.
     pub rope: [StoredTensor; 2],
 }
 
@@ -274,7 +274,7 @@ pub fn stored_tensors(
     let rope = |name: &str| StoredTensor {
         name: name.to_owned(),
         dtype: TensorDtype::F32,
-        shape: vec![arch.context_length, arch.head_dim / 2],
+        shape: vec![arch.max_context(), arch.head_dim / 2],
     };
     Ok(StoredTensors {
         weights,

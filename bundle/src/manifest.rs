@@ -58,8 +58,23 @@ pub struct Architecture {
     pub rope_theta: f64,
     pub rms_norm_eps: f64,
     pub tie_word_embeddings: bool,
-    /// Longest sequence (prompt + generated) the graph's rotary caches cover.
+    /// The context a run has when it does not choose one (prompt + generated tokens): the
+    /// exporter's choice, at most 4096 by default so that the KV cache a default start
+    /// reserves does not grow with the model's maximum.
     pub context_length: usize,
+    /// The longest context a run may choose (`max_position_embeddings`, GGUF's
+    /// `context_length`): the rotary caches cover this many positions. Absent in bundles
+    /// written before the context was chosen at run time, whose caches cover
+    /// `context_length` only ([`Architecture::max_context`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_context_length: Option<usize>,
+    /// Each query attends to the last `sliding_window` positions, itself included
+    /// (transformers' `kv_idx > q_idx - sliding_window`), as Mistral-7B v0.1 was trained; absent
+    /// for attention over the whole context. The graph's `Attention` does not express it (see
+    /// ARCHITECTURE.md, the graph): it changes nothing while the context is at most the
+    /// window, and the engine applies it past that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
     /// The rescaling of the rotary frequencies the caches were computed with; absent for the
     /// plain `θ^(−2j/head_dim)`. Recorded for people and provenance: the graph only ever sees
     /// the caches, so a scaled model is the same standard ONNX as any other.

@@ -23,6 +23,8 @@ fn write_bundle(edit: impl FnOnce(&mut Manifest)) -> tempfile::TempDir {
         rms_norm_eps: 1e-5,
         tie_word_embeddings: true,
         context_length: 6,
+        max_context_length: None,
+        sliding_window: None,
         rope_scaling: None,
         attention_bias: false,
     };
@@ -375,4 +377,44 @@ fn the_stored_tensors_of_a_residual_head_with_block_scales() {
         ),
         "{err}"
     );
+}
+
+/// A bundle written before the context was chosen at run time has no `max_context_length`:
+/// its default context is its maximum. A run may choose up to the maximum, and no further.
+#[test]
+fn a_run_chooses_its_context_up_to_the_maximum() {
+    let dir = write_bundle(|_| {});
+    let manifest = std::fs::read_to_string(dir.path().join(MANIFEST_FILE)).unwrap();
+    assert!(!manifest.contains("max_context_length"), "{manifest}");
+    let bundle = Bundle::open(dir.path()).unwrap();
+    let arch = &bundle.manifest().architecture;
+    assert_eq!(arch.max_context(), 6);
+    assert_eq!(arch.run_context(None), Ok(6));
+    assert_eq!(arch.run_context(Some(3)), Ok(3));
+    let err = arch.run_context(Some(7)).unwrap_err();
+    assert_eq!(
+        err,
+        architecture::ContextError::BeyondMaximum {
+            requested: 7,
+            max: 6
+        }
+    );
+    assert!(
+        err.to_string().contains('7') && err.to_string().contains("maximum of 6"),
+        "{err}"
+    );
+    assert_eq!(
+        arch.run_context(Some(0)),
+        Err(architecture::ContextError::Zero)
+    );
+
+    let mut longer = arch.clone();
+    longer.context_length = 4;
+    longer.max_context_length = Some(6);
+    assert_eq!(longer.run_context(None), Ok(4));
+    assert_eq!(longer.run_context(Some(6)), Ok(6));
+    longer.max_context_length = Some(3);
+    let err = longer.validate().unwrap_err();
+    assert_eq!(err.field, architecture::ArchitectureField::MaxContextLength);
+    assert!(err.to_string().contains("max_context_length = 3"), "{err}");
 }

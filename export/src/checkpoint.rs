@@ -111,9 +111,40 @@ pub struct TokenizerFiles {
     pub tokenizer_json: Option<PathBuf>,
     pub chat_template: Option<String>,
     pub bos: Option<u32>,
+    /// The ids that end generation ([`stop_ids`]).
     pub eos: Vec<u32>,
     pub pad: Option<u32>,
     pub unk: Option<u32>,
+}
+
+/// Texts of the special tokens that end a turn in the chat formats of the supported families:
+/// Llama 3's `<|eot_id|>` (and 3.1's `<|eom_id|>` after a tool call), its `<|end_of_text|>`, and
+/// ChatML's `<|im_end|>` (Qwen2, SmolLM2). A chat template writes one after every turn, so the
+/// model ends its answer with one; a checkpoint's own list of EOS ids does not always name it
+/// (the GGUFs of base models and some instruct ones give a single EOS; llama.cpp recognises the
+/// same texts for the same reason).
+pub const END_OF_TURN_TOKENS: [&str; 4] =
+    ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>"];
+
+/// The ids that end generation: `eos` as the checkpoint orders them (the first is the one chat
+/// templates print as `eos_token`), then each special token named in [`END_OF_TURN_TOKENS`]
+/// that is not among them, in id order.
+pub fn stop_ids<'a>(eos: &[u32], specials: impl IntoIterator<Item = (&'a str, u32)>) -> Vec<u32> {
+    let mut ids = Vec::with_capacity(eos.len());
+    for &id in eos {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    let mut extra: Vec<u32> = specials
+        .into_iter()
+        .filter(|&(text, id)| END_OF_TURN_TOKENS.contains(&text) && !ids.contains(&id))
+        .map(|(_, id)| id)
+        .collect();
+    extra.sort_unstable();
+    extra.dedup();
+    ids.extend(extra);
+    ids
 }
 
 /// An input file of the export and its digest, for the manifest's provenance.
@@ -190,4 +221,59 @@ pub trait CheckpointSource {
 
     /// Total bytes of tensor data, for progress reporting.
     fn total_tensor_bytes(&self) -> u64;
+}
+
+/// A checkpoint whose chat template is given by the user (`convert --chat-template FILE`):
+/// for a GGUF written without `tokenizer.chat_template`, or a template fixed since. The file
+/// joins the sources of the manifest's provenance.
+pub struct WithChatTemplate<'a> {
+    source: &'a dyn CheckpointSource,
+    template: String,
+    file: PathBuf,
+}
+
+impl<'a> WithChatTemplate<'a> {
+    /// Reads the template from `file`.
+    pub fn new(source: &'a dyn CheckpointSource, file: PathBuf) -> Result<Self, CheckpointError> {
+        let template = std::fs::read_to_string(&file).map_err(|source| CheckpointError::Io {
+            path: file.clone(),
+            source,
+        })?;
+        Ok(Self {
+            source,
+            template,
+            file,
+        })
+    }
+}
+
+impl CheckpointSource for WithChatTemplate<'_> {
+    fn config(&self) -> &ModelConfig {
+        self.source.config()
+    }
+
+    fn tensor_names(&self) -> Vec<String> {
+        self.source.tensor_names()
+    }
+
+    fn tensor(&self, name: &str) -> Result<SourceTensor<'_>, CheckpointError> {
+        self.source.tensor(name)
+    }
+
+    fn tokenizer(&self) -> Result<TokenizerFiles, CheckpointError> {
+        Ok(TokenizerFiles {
+            chat_template: Some(self.template.clone()),
+            ..self.source.tokenizer()?
+        })
+    }
+
+    fn digests(&self) -> Result<Vec<SourceDigest>, CheckpointError> {
+        let mut digests = self.source.digests()?;
+        digests.push(file_digest(&self.file)?);
+        Ok(digests)
+    }
+
+    fn total_tensor_bytes(&self) -> u64 {
+        self.source.total_tensor_bytes()
+    }
 }

@@ -25,8 +25,10 @@ use crate::progress::Progress;
 use crate::quant::{self, Encoding, QuantError};
 use crate::writer::{BundleWriter, WriteError};
 
-/// Context exported when neither the user nor a shorter `max_position_embeddings` says
-/// otherwise: the design's on-device context.
+/// The bundle's default context when neither the user nor a shorter `max_position_embeddings`
+/// says otherwise: the design's on-device context. A run may choose any context up to the
+/// model's maximum, which the bundle's rotary caches cover; this default keeps the KV cache a
+/// plain start reserves from growing with the model's maximum.
 pub const DEFAULT_CONTEXT: usize = 4096;
 
 /// What `convert` was asked to do.
@@ -64,11 +66,6 @@ pub enum ConvertError {
         expected: Vec<usize>,
         actual: Vec<usize>,
     },
-    #[error(
-        "config.json: sliding_window {window} is shorter than the exported context {context}: \
-         the graph attends over the whole context (pass --context-length {window})"
-    )]
-    SlidingWindow { window: usize, context: usize },
     #[error("--context-length {requested}: must be between 1 and max_position_embeddings {max}")]
     ContextLength { requested: usize, max: usize },
     #[error("tensor {tensor}: --block {block} does not divide its {cols} input features")]
@@ -163,12 +160,9 @@ impl Plan {
                 max,
             });
         }
-        if let Some(window) = config.sliding_window
-            && window < context
-        {
-            return Err(ConvertError::SlidingWindow { window, context });
-        }
         arch.context_length = context;
+        arch.max_context_length = Some(max);
+        arch.sliding_window = config.sliding_window;
         let encoding = match (opts.kind, opts.block) {
             (QuantKind::Fp8E4m3fn, block) => Encoding::Fp8 { block },
             (_, Some(_)) => return Err(ConvertError::BlockWithoutFp8),
@@ -185,6 +179,18 @@ impl Plan {
             .tokenizer_json
             .clone()
             .ok_or(ConvertError::NoTokenizer)?;
+        if tokenizer.chat_template.is_none() {
+            tracing::warn!(
+                "the checkpoint has no chat template: the bundle serves Generate, and Chat is \
+                 refused (a base model, or a GGUF written without tokenizer.chat_template; \
+                 --chat-template FILE gives one)"
+            );
+        }
+        if tokenizer.eos.is_empty() {
+            tracing::warn!(
+                "the checkpoint names no token that ends generation: answers run to max_tokens"
+            );
+        }
 
         let stored = stored_tensors(&arch, &quantization)?;
         let names = source.tensor_names();

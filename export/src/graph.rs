@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use marengo_bundle::graph::{
     ADD, AXIS, BATCH, BLOCK_SIZE, DEQUANTIZE_LINEAR, GATHER, INPUT_IDS, IR_VERSION, Kv, LOGITS,
     MATMUL, OPSET, PAST_SEQUENCE, PERM, POSITION_IDS, SEQUENCE, TOTAL_SEQUENCE, TRANSPOSE,
-    TRANSPOSE_PERM, past_name, present_name,
+    TRANSPOSE_PERM, WINDOW_MASK, past_name, present_name,
 };
 use marengo_bundle::layout::{
     BIASED_MODULES, EMBEDDING, FINAL_NORM, HEAD_RESIDUAL_SUFFIX, ROPE_COS, ROPE_SIN, SCALE_SUFFIX,
@@ -41,6 +41,10 @@ pub fn build(
         dequantized: HashMap::new(),
     };
     let eps = arch.rms_norm_eps as f32;
+    let mask = match arch.sliding_window {
+        Some(window) if window < arch.max_context() => g.window_mask(window),
+        _ => String::new(),
+    };
 
     let mut hidden = g.gather(EMBEDDING, "embed")?;
     for layer in 0..arch.num_layers {
@@ -82,8 +86,8 @@ pub fn build(
         g.nodes.push(NodeProto {
             name: attn_out.clone(),
             op_type: "Attention".into(),
-            input: [&q, &k, &v, "", &past_k, &past_v]
-                .map(str::to_owned)
+            input: [&q, &k, &v, &mask, &past_k, &past_v]
+                .map(|s| s.to_string())
                 .to_vec(),
             output: vec![attn_out.clone(), present_k, present_v],
             attribute: vec![
@@ -213,6 +217,76 @@ impl Builder<'_> {
         name.to_owned()
     }
 
+    /// [`WINDOW_MASK`] for a window of `window` positions: the distance from each query's
+    /// position (`position_ids`) to each key's (`0..past + new`), kept where it is in
+    /// `0..window`. Causality is in it too, so that it means the same however an engine
+    /// combines it with `is_causal`.
+    fn window_mask(&mut self, window: usize) -> String {
+        let int = |value: i64| vec![AttributeProto::int("value_int", value)];
+        let ints = |values: &[i64]| vec![AttributeProto::ints("value_ints", values)];
+        let zero = self.node("Constant", "window.zero", &[], int(0));
+        let one = self.node("Constant", "window.one", &[], int(1));
+        let width = self.node("Constant", "window.width", &[], int(window as i64));
+        let first_axis = self.node("Constant", "window.first_axis", &[], ints(&[0]));
+        let query_axes = self.node("Constant", "window.query_axes", &[], ints(&[1, 3]));
+        let seen = self.node(
+            "Constant",
+            "window.seen",
+            &[],
+            vec![AttributeProto::float("value_float", 0.0)],
+        );
+        let hidden = self.node(
+            "Constant",
+            "window.hidden",
+            &[],
+            vec![AttributeProto::float("value_float", f32::NEG_INFINITY)],
+        );
+        let shape = |start: i64| {
+            vec![
+                AttributeProto::int("start", start),
+                AttributeProto::int("end", start + 1),
+            ]
+        };
+        let past = self.node("Shape", "window.past", &[&past_name(0, Kv::Key)], shape(2));
+        let new = self.node("Shape", "window.new", &[INPUT_IDS], shape(1));
+        let total = self.node(ADD, "window.total", &[&past, &new], vec![]);
+        let total = self.node(
+            "Squeeze",
+            "window.total_scalar",
+            &[&total, &first_axis],
+            vec![],
+        );
+        let keys = self.node(
+            "Range",
+            "window.key_positions",
+            &[&zero, &total, &one],
+            vec![],
+        );
+        let queries = self.node(
+            "Unsqueeze",
+            "window.query_positions",
+            &[POSITION_IDS, &query_axes],
+            vec![],
+        );
+        let distance = self.node("Sub", "window.distance", &[&queries, &keys], vec![]);
+        let within = self.node("Less", "window.within", &[&distance, &width], vec![]);
+        let behind = self.node(
+            "GreaterOrEqual",
+            "window.behind",
+            &[&distance, &zero],
+            vec![],
+        );
+        let seen_keys = self.node("And", "window.seen_keys", &[&within, &behind], vec![]);
+        self.nodes.push(NodeProto {
+            name: WINDOW_MASK.into(),
+            op_type: "Where".into(),
+            input: vec![seen_keys, seen, hidden],
+            output: vec![WINDOW_MASK.into()],
+            ..Default::default()
+        });
+        WINDOW_MASK.to_owned()
+    }
+
     fn tensor(&self, name: &str) -> Result<String, MissingTensor> {
         self.tensors
             .contains_key(name)
@@ -339,7 +413,7 @@ impl Builder<'_> {
     }
 }
 
-/// Rotary caches `[context_length, head_dim / 2]`: cos and sin of `position · θ^(−2j/head_dim)`,
+/// Rotary caches `[max_context, head_dim / 2]`, for any context a run may choose: cos and sin of `position · θ^(−2j/head_dim)`,
 /// HuggingFace's non-interleaved (`rotate_half`) convention, with the architecture's rope
 /// scaling folded into the frequencies. Computed in f64, stored as f32.
 pub fn rope_caches(arch: &Architecture) -> (Vec<f32>, Vec<f32>) {
@@ -354,9 +428,10 @@ pub fn rope_caches(arch: &Architecture) -> (Vec<f32>, Vec<f32>) {
         None => inv_freq,
         Some(scaling) => scaled_frequencies(scaling, &inv_freq),
     };
-    let mut cos = Vec::with_capacity(arch.context_length * half);
-    let mut sin = Vec::with_capacity(arch.context_length * half);
-    for position in 0..arch.context_length {
+    let positions = arch.max_context();
+    let mut cos = Vec::with_capacity(positions * half);
+    let mut sin = Vec::with_capacity(positions * half);
+    for position in 0..positions {
         for f in &inv_freq {
             let angle = position as f64 * f;
             cos.push(angle.cos() as f32);

@@ -36,8 +36,15 @@ pub fn inspect(dir: &Path, verify: bool, out: &mut dyn Write) -> Result<(), Insp
     )?;
     writeln!(
         out,
-        "              rope_theta {}, rms_norm_eps {}, tied embeddings {}, context {}",
-        a.rope_theta, a.rms_norm_eps, a.tie_word_embeddings, a.context_length
+        "              rope_theta {}, rms_norm_eps {}, tied embeddings {}, context {} (at most {}){}",
+        a.rope_theta,
+        a.rms_norm_eps,
+        a.tie_word_embeddings,
+        a.context_length,
+        a.max_context(),
+        a.sliding_window
+            .map(|w| format!(", sliding window {w}"))
+            .unwrap_or_default()
     )?;
     if let Some(scaling) = &a.rope_scaling {
         writeln!(out, "              rope scaling {scaling:?}")?;

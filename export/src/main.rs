@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use marengo_bundle::manifest::QuantKind;
 use marengo_export::checkpoint::gguf::GgufCheckpoint;
 use marengo_export::checkpoint::hf_dir::HfCheckpoint;
-use marengo_export::checkpoint::{CheckpointSource, SourceDtype};
+use marengo_export::checkpoint::{CheckpointSource, SourceDtype, WithChatTemplate};
 use marengo_export::convert::{ConvertOptions, convert};
 use marengo_export::inspect::inspect;
 use marengo_export::install;
@@ -79,9 +79,16 @@ enum Command {
         /// one more byte per head weight); `single` stores it like every other weight.
         #[arg(long, value_enum, default_value = "residual")]
         head: HeadEncoding,
-        /// Longest sequence the bundle serves [default: max_position_embeddings, at most 4096].
+        /// The context a run has unless it chooses one (`marengod --context`, up to
+        /// max_position_embeddings, which the bundle always covers) [default:
+        /// max_position_embeddings, at most 4096].
         #[arg(long, value_name = "N")]
         context_length: Option<usize>,
+        /// The model's Jinja chat template, in place of the checkpoint's own (for a GGUF
+        /// written without tokenizer.chat_template: without a template, the bundle serves
+        /// Generate and refuses Chat).
+        #[arg(long, value_name = "FILE")]
+        chat_template: Option<PathBuf>,
         /// Replace OUT if it exists and is not empty.
         #[arg(long)]
         force: bool,
@@ -182,6 +189,7 @@ fn main() -> anyhow::Result<()> {
             block,
             head,
             context_length,
+            chat_template,
             force,
             verbose: _,
         } => {
@@ -220,8 +228,14 @@ fn main() -> anyhow::Result<()> {
                 force,
                 command_line: std::env::args().collect(),
             };
-            convert(source.as_ref(), &opts)
-                .with_context(|| format!("exporting to {}", out.display()))?;
+            let with_template = chat_template
+                .map(|file| WithChatTemplate::new(source.as_ref(), file))
+                .transpose()?;
+            let source: &dyn CheckpointSource = match &with_template {
+                Some(with_template) => with_template,
+                None => source.as_ref(),
+            };
+            convert(source, &opts).with_context(|| format!("exporting to {}", out.display()))?;
             if install.is_some() {
                 install::make_readable(&out)?;
                 eprintln!("installed {}", out.display());

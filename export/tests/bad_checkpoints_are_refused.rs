@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use marengo_testkit::exporter::{convert, marengo_export_fails, tiny_checkpoint};
+use marengo_testkit::exporter::{marengo_export_fails, tiny_checkpoint};
 use marengo_testkit::files::dir_entries;
 use marengo_testkit::scratch_dir;
 use safetensors::SafeTensors;
@@ -182,20 +182,6 @@ fn nan_and_inf_weights_are_located() {
             );
         }
     }
-}
-
-#[test]
-fn a_sliding_window_shorter_than_the_context_is_refused() {
-    let (checkpoint, bundle) = mistral("sliding_window");
-    edit_config(&checkpoint, |c| c["sliding_window"] = 1024.into());
-    let err = convert_fails(&checkpoint, &bundle, &[]);
-    assert!(
-        err.contains("sliding_window 1024") && err.contains("--context-length 1024"),
-        "{err}"
-    );
-    // The context the window does cover is exported.
-    convert(&checkpoint, &bundle, &["--context-length", "1024"]);
-    assert!(bundle.join("bundle.json").is_file());
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::path::Path;
 use marengo_bundle::Bundle;
 use marengo_bundle::manifest::{QuantKind, TENSOR_ALIGNMENT, TensorDtype};
 use marengo_bundle::onnx::{AttributeProto, DataType, Dim, ModelProto, NodeProto};
-use marengo_testkit::exporter::{convert, tiny_checkpoint};
+use marengo_testkit::exporter::{convert, marengo_export, tiny_checkpoint};
 use marengo_testkit::{repo_root, scratch_dir};
 use prost::Message;
 
@@ -25,6 +25,8 @@ fn check_bundle(dir: &Path, kind: QuantKind, block: Option<usize>, tied: bool) {
     assert_eq!(manifest.quantization.block_size, block);
     assert_eq!(arch.tie_word_embeddings, tied);
     assert_eq!(arch.context_length, 4096);
+    assert_eq!(arch.max_context(), 4096);
+    assert_eq!(arch.sliding_window, None);
 
     let bytes = std::fs::read(bundle.graph_path()).unwrap();
     let model = ModelProto::decode(bytes.as_slice()).unwrap();
@@ -350,4 +352,105 @@ fn chat_template_and_special_tokens_come_from_the_checkpoint() {
         sources.contains(&"model.safetensors".to_owned()),
         "{sources:?}"
     );
+}
+
+#[test]
+fn chat_template_jinja_and_end_of_turn_tokens_come_from_the_checkpoint() {
+    // A Llama 3.2 Instruct's tokenizer side: chat_template.jinja beside an older template in
+    // tokenizer_config.json (transformers reads the file first), generation_config.json listing
+    // <|end_of_text|> before the <|eot_id|> the tokenizer names as its EOS, and <|eom_id|>
+    // named nowhere but ending a turn all the same.
+    let dir = scratch_dir("contract_llama3_chat");
+    let checkpoint = dir.join("checkpoint");
+    tiny_checkpoint("llama-tied", &checkpoint, &["--dtype", "f32"]);
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(checkpoint.join(name)).unwrap()).unwrap()
+    };
+    let mut tokenizer = read("tokenizer.json");
+    let added = tokenizer["added_tokens"].as_array_mut().unwrap();
+    for (id, content) in [
+        (31997, "<|end_of_text|>"),
+        (31998, "<|eom_id|>"),
+        (31999, "<|eot_id|>"),
+    ] {
+        added.push(serde_json::json!({
+            "id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }));
+    }
+    let write = |name: &str, text: String| std::fs::write(checkpoint.join(name), text).unwrap();
+    write("tokenizer.json", tokenizer.to_string());
+    write(
+        "tokenizer_config.json",
+        serde_json::json!({
+            "bos_token": "<s>", "eos_token": "<|eot_id|>", "chat_template": "{{ 'older' }}"
+        })
+        .to_string(),
+    );
+    write(
+        "generation_config.json",
+        serde_json::json!({"bos_token_id": 1, "eos_token_id": [31997, 31999]}).to_string(),
+    );
+    let template =
+        std::fs::read_to_string(repo_root().join("tests/fixtures/text/llama-3.2-instruct.jinja"))
+            .unwrap();
+    write("chat_template.jinja", template.clone());
+
+    let bundle = dir.join("bundle");
+    convert(&checkpoint, &bundle, &["--dtype", "f32"]);
+    let manifest = Bundle::open(&bundle).unwrap().manifest().clone();
+    assert_eq!(manifest.chat_template.as_deref(), Some(template.as_str()));
+    assert_eq!(manifest.special_tokens.eos, vec![31999, 31997, 31998]);
+    assert!(
+        manifest
+            .provenance
+            .sources
+            .iter()
+            .any(|s| s.path.ends_with("chat_template.jinja")),
+        "the template file is not among the sources"
+    );
+}
+
+#[test]
+fn a_gguf_without_chat_template_takes_one_from_the_command_line() {
+    let dir = scratch_dir("contract_gguf_chat_template");
+    let gguf = repo_root().join("tests/fixtures/gguf/qwen2-bias.gguf");
+    let template = repo_root().join("tests/fixtures/text/qwen2.5-instruct.jinja");
+    let convert_gguf = |out: &Path, template: Option<&Path>| {
+        let mut args = vec![
+            "convert".into(),
+            "--gguf".into(),
+            gguf.clone().into_os_string(),
+            "--out".into(),
+            out.as_os_str().to_owned(),
+            "--dtype".into(),
+            "f32".into(),
+        ];
+        if let Some(template) = template {
+            args.extend(["--chat-template".into(), template.as_os_str().to_owned()]);
+        }
+        marengo_export::<_, std::ffi::OsString>(args);
+    };
+    let plain = dir.join("plain");
+    convert_gguf(&plain, None);
+    let manifest = Bundle::open(&plain).unwrap().manifest().clone();
+    assert_eq!(manifest.chat_template, None);
+
+    let templated = dir.join("templated");
+    convert_gguf(&templated, Some(&template));
+    let manifest = Bundle::open(&templated).unwrap().manifest().clone();
+    assert_eq!(
+        manifest.chat_template,
+        Some(std::fs::read_to_string(&template).unwrap())
+    );
+    assert!(
+        manifest
+            .provenance
+            .sources
+            .iter()
+            .any(|s| s.path.ends_with("qwen2.5-instruct.jinja")),
+        "the template file is not among the sources"
+    );
+    // The tiny Qwen2 vocabulary's <|im_end|> ends generation.
+    assert_eq!(manifest.special_tokens.eos, vec![259]);
 }

@@ -21,16 +21,7 @@ fn smollm2_gguf() -> PathBuf {
     let path = std::env::var_os("MARENGO_SMOLLM2_GGUF")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            let cache = std::env::var_os("MARENGO_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("marengo"))
-                })
-                .or_else(|| {
-                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/marengo"))
-                })
-                .expect("neither MARENGO_CACHE, XDG_CACHE_HOME nor HOME is set");
-            cache.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+            marengo_testkit::cache_dir().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
         });
     assert!(
         path.is_file(),

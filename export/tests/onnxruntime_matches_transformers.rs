@@ -14,8 +14,9 @@ use marengo_testkit::files::sha256_file;
 use marengo_testkit::onnxruntime::{python_script, read_f32_le};
 use marengo_testkit::repo_root;
 
-/// The f32 export path's quality bar (DESIGN.md): logits within 1e-3 of transformers float32.
-const MAX_ABS_LOGIT_DIFF: f32 = 1e-3;
+/// The f32 export path's quality bar: logits within 1e-4 of transformers float32 (issue 18;
+/// DESIGN.md asks 1e-3). Measured at most 5.7e-6 on every golden, from HF and from GGUF.
+const MAX_ABS_LOGIT_DIFF: f32 = 1e-4;
 
 /// `tests/fixtures/golden/<name>.json`, written by make_golden.py.
 #[derive(Deserialize)]
@@ -336,6 +337,12 @@ fn qwen2_bias_f32_bundle_matches_transformers() {
 
 /// The same model from a GGUF: q/k rows unpermuted, the scaling read from `rope_freqs.weight`,
 /// the head tied to the embedding.
+/// A 5-position sliding window, shorter than the prompt: the graph's window mask.
+#[test]
+fn mistral_window_f32_bundle_matches_transformers() {
+    f32_bundle_matches_transformers("mistral-window");
+}
+
 #[test]
 fn llama3_scaled_gguf_f32_bundle_matches_transformers() {
     f32_bundle_from_matches_transformers("llama3-scaled", Source::Gguf);

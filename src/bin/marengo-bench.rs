@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use marengo::engine::{Engine, EngineOptions};
+use marengo::engine::{Engine, EngineOptions, kv_cache_bytes};
 use marengo::memory::MemoryUsage;
 use marengo_bundle::manifest::Manifest;
 
@@ -42,12 +42,19 @@ struct Args {
     /// The long decode position (0 skips it).
     #[arg(long, default_value_t = 3000)]
     long_position: usize,
+    /// The context to run with, up to the model's maximum (default: the bundle's own).
+    #[arg(long, value_name = "TOKENS")]
+    context: Option<usize>,
     /// Bytes read to measure the memory read bandwidth.
     #[arg(long, default_value_t = 1 << 30)]
     bandwidth_bytes: usize,
     /// Measurements of each figure, averaged (as llama-bench's `-r`).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     repetitions: u32,
+    /// Numbers of clients decoding together (one forward pass per step for all of them), each
+    /// measured at the short position, e.g. 1,2,4; empty skips it.
+    #[arg(long, value_delimiter = ',')]
+    clients: Vec<usize>,
     /// A short prompt and a decode step before measuring, so that the first measurement does
     /// not pay for first-touch page faults on the weights (as llama-bench's warm-up run).
     #[arg(long)]
@@ -74,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         &EngineOptions {
             threads: Some(args.threads),
             verify_hashes: false,
+            context: args.context,
             ..EngineOptions::default()
         },
     )
@@ -81,7 +89,7 @@ fn main() -> anyhow::Result<()> {
     let load_s = start.elapsed().as_secs_f64();
     let manifest = engine.manifest();
     let vocab = manifest.architecture.vocab_size as u32;
-    let context = manifest.architecture.context_length;
+    let context = engine.text().context_length();
     let bytes_per_token = weight_bytes_per_token(manifest);
     let idle = MemoryUsage::current().unwrap_or_default();
 
@@ -105,7 +113,7 @@ fn main() -> anyhow::Result<()> {
             session.feed(&prompt)?;
             seconds += t.elapsed().as_secs_f64();
             after_prefill = MemoryUsage::current().unwrap_or_default();
-            kv_after_prefill = kv_cache_bytes(manifest, length);
+            kv_after_prefill = kv_cache_bytes(&manifest.architecture, length);
             session.reset()?;
         }
         prefills.push(Prefill {
@@ -140,6 +148,7 @@ fn main() -> anyhow::Result<()> {
     let decode_short = decode_short / f64::from(args.repetitions);
     let decode_long =
         (args.long_position > 0).then(|| decode_long_sum / f64::from(args.repetitions));
+    let together = decode_together(&engine, &args, &mut tokens, vocab)?;
     let memory = MemoryUsage::current().unwrap_or_default();
 
     let fraction = bytes_per_token as f64 * decode_short / bandwidth;
@@ -170,6 +179,23 @@ fn main() -> anyhow::Result<()> {
     );
     if let Some(long) = decode_long {
         println!("decode @{:<5}         {long:.2} tok/s", args.long_position);
+    }
+    for t in &together {
+        println!(
+            "decode {} clients     {:.2} tok/s together, {:.2} tok/s each",
+            t.clients,
+            t.aggregate,
+            t.aggregate / t.clients as f64
+        );
+    }
+    if let Some(t) = together.last().filter(|t| t.clients > 1) {
+        println!(
+            "first token, {} joins  {:.3} s while {} stream ({:.3} s alone), 32-token prompt",
+            t.clients,
+            t.join_first_token_s,
+            t.clients - 1,
+            t.alone_first_token_s
+        );
     }
     println!(
         "RSS idle (mapped)     anon {:.1} MiB, file {:.1} MiB",
@@ -214,9 +240,90 @@ fn main() -> anyhow::Result<()> {
         "anon_rss_after_prefill_bytes": after_prefill.anonymous,
         "kv_cache_after_prefill_bytes": kv_after_prefill,
         "file_rss_bytes": memory.file,
+        "clients": together.iter().map(|t| serde_json::json!({
+            "clients": t.clients,
+            "aggregate_tokens_per_s": t.aggregate,
+            "join_first_token_s": t.join_first_token_s,
+            "alone_first_token_s": t.alone_first_token_s,
+        })).collect::<Vec<_>>(),
     });
     println!("{report}");
     Ok(())
+}
+
+/// Decode of several clients together, at the short position.
+struct Together {
+    clients: usize,
+    /// Tokens per second over all clients.
+    aggregate: f64,
+    /// The time to the first token of the last client, joining while the others decode:
+    /// its prompt and one step of all of them.
+    join_first_token_s: f64,
+    /// The same prompt and first token with nobody else running.
+    alone_first_token_s: f64,
+}
+
+fn decode_together(
+    engine: &Engine,
+    args: &Args,
+    tokens: &mut Lcg,
+    vocab: u32,
+) -> anyhow::Result<Vec<Together>> {
+    let Some(&most) = args.clients.iter().max() else {
+        return Ok(Vec::new());
+    };
+    // As many lanes as the most clients, as a daemon started with `parallel` that many.
+    let mut lanes = engine.new_lanes(most)?;
+    let mut results = Vec::new();
+    for &clients in &args.clients {
+        let mut aggregate = 0.0;
+        let (mut join, mut alone) = (0.0, 0.0);
+        for _ in 0..args.repetitions {
+            for lane in 0..lanes.count() {
+                lanes.reset(lane)?;
+            }
+            let joining = clients - 1;
+            for lane in 0..joining {
+                let warm: Vec<u32> = (0..args.short_position)
+                    .map(|_| tokens.next(vocab))
+                    .collect();
+                lanes.feed(lane, &warm)?;
+            }
+            let prompt: Vec<u32> = (0..32).map(|_| tokens.next(vocab)).collect();
+            let t = Instant::now();
+            lanes.feed(joining, &prompt)?;
+            lanes.step(&[(joining, tokens.next(vocab))])?;
+            alone += t.elapsed().as_secs_f64();
+            lanes.reset(joining)?;
+            let t = Instant::now();
+            lanes.feed(joining, &prompt)?;
+            let steps: Vec<(usize, u32)> = (0..clients)
+                .map(|lane| (lane, tokens.next(vocab)))
+                .collect();
+            lanes.step(&steps)?;
+            join += t.elapsed().as_secs_f64();
+            let fill: Vec<u32> = (lanes.cached(joining).len()..args.short_position)
+                .map(|_| tokens.next(vocab))
+                .collect();
+            lanes.feed(joining, &fill)?;
+            let t = Instant::now();
+            for _ in 0..args.decode_tokens {
+                let steps: Vec<(usize, u32)> = (0..clients)
+                    .map(|lane| (lane, tokens.next(vocab)))
+                    .collect();
+                lanes.step(&steps)?;
+            }
+            aggregate += (clients * args.decode_tokens) as f64 / t.elapsed().as_secs_f64();
+        }
+        let runs = f64::from(args.repetitions);
+        results.push(Together {
+            clients,
+            aggregate: aggregate / runs,
+            join_first_token_s: join / runs,
+            alone_first_token_s: alone / runs,
+        });
+    }
+    Ok(results)
 }
 
 fn decode(
@@ -259,11 +366,6 @@ fn weight_bytes_per_token(manifest: &Manifest) -> u64 {
 }
 
 /// The keys and values of `positions` tokens, f32, every layer.
-fn kv_cache_bytes(manifest: &Manifest, positions: usize) -> u64 {
-    let arch = &manifest.architecture;
-    (2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * positions * 4) as u64
-}
-
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }

@@ -24,6 +24,10 @@ pub struct Limits {
     pub default_max_tokens: u32,
     pub queue_capacity: u32,
     pub max_queued_per_client: u32,
+    /// Requests generated together, each in its own KV cache slot.
+    pub parallel: u32,
+    /// The most the slots' KV caches may hold, in MiB.
+    pub kv_memory_mib: u32,
 }
 
 /// The property's value: `options` (name → type, default, bounds, description, example),
@@ -45,6 +49,8 @@ pub fn capabilities(limits: &Limits, has_chat_template: bool) -> HashMap<String,
         ("max_tokens", limits.context_length.saturating_sub(1)),
         ("queue_capacity", limits.queue_capacity),
         ("max_queued_per_client", limits.max_queued_per_client),
+        ("parallel", limits.parallel),
+        ("kv_memory_mib", limits.kv_memory_mib),
         (
             "max_stop_strings",
             u32::try_from(MAX_STOP_STRINGS).unwrap_or(u32::MAX),

@@ -107,6 +107,8 @@ impl Llm1 {
             default_max_tokens,
             queue_capacity: count(scheduler.options().queue_capacity),
             max_queued_per_client: count(scheduler.options().max_queued_per_client),
+            parallel: count(scheduler.options().parallel),
+            kv_memory_mib: u32::try_from(scheduler.options().kv_budget >> 20).unwrap_or(u32::MAX),
         };
         Self {
             scheduler,
@@ -306,7 +308,7 @@ impl Llm1 {
     /// when leaving the option out means no value: a drawn seed, no constraint, the default
     /// model) and, when bounded, "minimum" (v), "maximum" (v), "minimum_excluded" (b) and
     /// "range" (s)), "limits" (a{sv}: context_length, max_tokens, queue_capacity,
-    /// max_queued_per_client, max_stop_strings, all u; the context is the default model's, 0
+    /// max_queued_per_client, parallel, kv_memory_mib, max_stop_strings, all u; the context is the default model's, 0
     /// without one) and "features" (as).
     #[zbus(property(emits_changed_signal = "false"))]
     fn capabilities(&self) -> HashMap<String, OwnedVariant> {
@@ -372,7 +374,7 @@ impl Llm1 {
     #[zbus(property(emits_changed_signal = "false"))]
     fn state(&self) -> String {
         let status = self.scheduler.status();
-        let state = if status.running {
+        let state = if status.running > 0 {
             state::GENERATING
         } else if status.loading {
             state::LOADING

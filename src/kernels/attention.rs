@@ -33,9 +33,9 @@ use std::sync::OnceLock;
 use super::{Isa, KernelError, pool};
 
 /// The sizes of one decode step's attention. The queries are `[batch, query_heads, dim]`; the
-/// keys and values `[batch, kv_heads, capacity, dim]`, row-major, of which the first `len`
-/// positions of each head are attended: a cache with room for the whole context is read where
-/// it lies.
+/// keys and values `[batch, kv_heads, capacity, dim]`, row-major, of which positions
+/// `start..len` of each head are attended: a cache with room for the whole context is read where
+/// it lies, and a sliding window (Mistral) starts past the positions it has left behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionShape {
     pub batch: usize,
@@ -43,7 +43,9 @@ pub struct AttentionShape {
     /// Divides `query_heads`: each key-value head serves `query_heads / kv_heads` queries.
     pub kv_heads: usize,
     pub dim: usize,
-    /// Positions attended, at least one.
+    /// The first position attended: 0, or where a sliding window begins.
+    pub start: usize,
+    /// The end of the positions attended, past `start`.
     pub len: usize,
     /// Positions each head has room for.
     pub capacity: usize,
@@ -124,11 +126,12 @@ fn check(
         query_heads,
         kv_heads,
         dim,
+        start,
         len,
         capacity,
     } = shape;
     let empty = [batch, query_heads, kv_heads, dim, len].contains(&0);
-    if empty || !query_heads.is_multiple_of(kv_heads) || len > capacity {
+    if empty || !query_heads.is_multiple_of(kv_heads) || len > capacity || start >= len {
         return Err(KernelError::AttentionShape(shape));
     }
     let query_elements = batch * query_heads * dim;
@@ -169,19 +172,20 @@ unsafe fn split(
         query_heads,
         kv_heads,
         dim,
+        start,
         len,
         capacity,
     } = shape;
     let group = query_heads / kv_heads;
-    let chunks = len.div_ceil(KEYS_PER_TASK);
+    let chunks = (len - start).div_ceil(KEYS_PER_TASK);
     let slots: Vec<OnceLock<Partial>> = (0..batch * kv_heads * chunks)
         .map(|_| OnceLock::new())
         .collect();
     pool::run(slots.len(), |task| {
         // Batch-major, so that the queries of a key-value head are consecutive.
         let (head, chunk) = (task / chunks, task % chunks);
-        let first = head * capacity + chunk * KEYS_PER_TASK;
-        let last = head * capacity + ((chunk + 1) * KEYS_PER_TASK).min(len);
+        let first = head * capacity + start + chunk * KEYS_PER_TASK;
+        let last = head * capacity + (start + (chunk + 1) * KEYS_PER_TASK).min(len);
         let rows = first * dim..last * dim;
         let head_queries = &queries[head * group * dim..(head + 1) * group * dim];
         // SAFETY: the CPU has the instruction set (caller).

@@ -9,7 +9,7 @@
 
 use memmap2::MmapMut;
 use tract_onnx::tract_hir::internal::*;
-use tract_onnx::tract_hir::tract_ndarray::{ArrayView4, Ix4, s};
+use tract_onnx::tract_hir::tract_ndarray::{ArrayView4, s};
 
 /// Keys or values `[batch, heads, positions, dim]` in an anonymous mapping with room for
 /// `capacity` positions, allocated at the first push (when the other sizes are known).
@@ -45,13 +45,6 @@ impl KvCache {
     }
 
     /// Appends a step's positions (`[batch, heads, new, dim]`).
-    pub fn push(&mut self, input: &Tensor) -> TractResult<()> {
-        let view = input
-            .to_plain_array_view::<f32>()?
-            .into_dimensionality::<Ix4>()?;
-        self.push_view(view)
-    }
-
     pub fn push_view(&mut self, input: ArrayView4<f32>) -> TractResult<()> {
         let (batch, heads, new, dim) = input.dim();
         if self.map.is_none() {
@@ -87,6 +80,11 @@ impl KvCache {
         }
         self.len += new;
         Ok(())
+    }
+
+    /// Forgets the positions from `keep` on; the next push writes over them.
+    pub fn truncate(&mut self, keep: usize) {
+        self.len = self.len.min(keep);
     }
 
     /// `[batch, heads, positions, dim]` of the positions written, or `None` before the first push.

@@ -9,6 +9,12 @@
 //! applies tract-transformers' rewrites, which turn the graph's past→Concat→present KV
 //! inputs and outputs into cache state held inside the plan's state: a decode step then
 //! feeds only the new token, and the cache is never copied in or out.
+//!
+//! A run's context may be shorter than the bundle's maximum, which its rotary caches cover:
+//! the loader reads only the rows of the caches that context can reach (tract copies an
+//! initializer into the heap, and a 128k-position maximum is 64 MiB of caches), and sizes the
+//! KV caches for it. A sliding window's mask, which the graph computes for other engines, is
+//! disconnected: the attention op applies the manifest's window itself.
 
 pub mod attention;
 pub mod fp8_ops;
@@ -18,6 +24,8 @@ pub mod rewrite;
 pub mod shared_input;
 
 use marengo_bundle::Bundle;
+use marengo_bundle::graph::WINDOW_MASK;
+use marengo_bundle::layout::{ROPE_COS, ROPE_SIN};
 use marengo_bundle::manifest::GRAPH_FILE;
 use marengo_bundle::onnx::ExternalDataError;
 use prost::Message;
@@ -81,8 +89,21 @@ pub type ModelState = TypedSimpleState;
 
 impl Model {
     /// Loads the bundle's graph, reading FP8 weights in place from its mapped
-    /// `model.weights`, with KV caches for its whole context, computing the `logits` asked for.
+    /// `model.weights`, with KV caches for its default context, computing the `logits` asked
+    /// for.
     pub fn load(bundle: &Bundle, logits: Logits) -> Result<Model, ModelError> {
+        let context = bundle.manifest().architecture.context_length;
+        Self::load_with_context(bundle, logits, context)
+    }
+
+    /// [`Model::load`] for a run of `context` positions, at most the bundle's maximum
+    /// (`Architecture::run_context` chose it), attending over the bundle's sliding window when
+    /// the context is longer.
+    pub fn load_with_context(
+        bundle: &Bundle,
+        logits: Logits,
+        context: usize,
+    ) -> Result<Model, ModelError> {
         let onnx_path = bundle.graph_path();
         let bytes = std::fs::read(&onnx_path).map_err(|source| ModelError::Io {
             path: onnx_path.display().to_string(),
@@ -101,6 +122,8 @@ impl Model {
                 rewrite::external_tensor(bundle, initializer)?;
             }
         }
+        cut_rotary_caches(graph, context)?;
+        disconnect_window_mask(graph);
         let logits = match logits {
             Logits::LastPosition if !last_position::keep_last_position(graph) => {
                 tracing::warn!(
@@ -159,8 +182,8 @@ impl Model {
             .context("tract-transformers is not linked")?;
         typed.transform(&*detect)?;
         let mut typed = typed.into_optimized()?;
-        let context = bundle.manifest().architecture.context_length;
-        attention::use_decode_attention(&mut typed, context)?;
+        let window = bundle.manifest().architecture.sliding_window;
+        attention::use_decode_attention(&mut typed, context, window.filter(|&w| w < context))?;
         let plan = TypedSimplePlan::new(typed)?;
         Ok(Model {
             plan,
@@ -184,6 +207,48 @@ impl Model {
     pub fn typed_model(&self) -> &TypedModel {
         self.plan.model()
     }
+}
+
+/// Takes the sliding window's mask ([`WINDOW_MASK`]) off every `Attention`: the plan's
+/// attention runs the window from the manifest ([`attention`]) over its own cache, in a form
+/// tract fuses with the cache, and the mask's nodes, left without a consumer, are pruned.
+fn disconnect_window_mask(graph: &mut pb::GraphProto) {
+    for node in graph.node.iter_mut().filter(|n| n.op_type == "Attention") {
+        if let Some(mask) = node.input.get_mut(3)
+            && mask == WINDOW_MASK
+        {
+            mask.clear();
+        }
+    }
+}
+
+/// Makes the rotary caches' initializers (checked against the tensor table, `[max_context,
+/// head_dim / 2]`) read their first `context` rows only.
+fn cut_rotary_caches(graph: &mut pb::GraphProto, context: usize) -> Result<(), ModelError> {
+    for cache in graph
+        .initializer
+        .iter_mut()
+        .filter(|t| t.name == ROPE_COS || t.name == ROPE_SIN)
+    {
+        let rows = cache
+            .dims
+            .first()
+            .map_or(0, |&d| usize::try_from(d).unwrap_or(0));
+        if context > rows {
+            return Err(
+                format_err!("{}: {rows} positions, {context} asked for", cache.name).into(),
+            );
+        }
+        let length = cache
+            .external_data
+            .iter_mut()
+            .find(|entry| entry.key == "length")
+            .with_context(|| format!("{}: no external data length", cache.name))?;
+        let bytes: usize = length.value.parse().context("external data length")?;
+        length.value = (bytes / rows * context).to_string();
+        cache.dims[0] = context as i64;
+    }
+    Ok(())
 }
 
 fn fp8_node(

@@ -327,6 +327,17 @@ pub async fn next_signal(stream: &mut MessageStream, timeout: Duration) -> Optio
     }
 }
 
+/// Cancels `request` on a task of its own, so that the caller keeps reading its signals: a
+/// signal stream nobody reads stops the connection's reader once its buffer is full, and
+/// with it the call's reply. Await the handle once the request's `Finished` has come.
+pub fn cancel_aside(
+    llm: &Llm1Proxy<'static>,
+    request: &OwnedObjectPath,
+) -> tokio::task::JoinHandle<Result<(), marengo_client::Llm1Error>> {
+    let (llm, request) = (llm.clone(), request.clone());
+    tokio::spawn(async move { llm.cancel(&request.as_ref()).await })
+}
+
 /// The whole stream of one request: its text, its end, and how many `Finished` came.
 #[derive(Debug, Clone)]
 pub struct Streamed {

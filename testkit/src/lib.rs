@@ -32,6 +32,6 @@ mod tiny;
 
 pub use command::{run, run_fails};
 pub use logits::{argmax, max_abs_diff};
-pub use paths::{fixtures, repo_root, scratch_dir};
+pub use paths::{cache_dir, fixtures, repo_root, scratch_dir};
 pub use smollm2::{smollm2_bundle, smollm2_gguf};
 pub use tiny::{Kind, tiny_bundle};

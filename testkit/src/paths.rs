@@ -42,3 +42,13 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     dir
 }
+
+/// Where the test data fetched from package registries is cached (`.ci/*.sh` fill it):
+/// `MARENGO_CACHE`, else `$XDG_CACHE_HOME/marengo`, else `~/.cache/marengo`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("MARENGO_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("marengo")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/marengo")))
+        .expect("neither MARENGO_CACHE, XDG_CACHE_HOME nor HOME is set")
+}

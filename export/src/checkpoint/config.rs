@@ -80,7 +80,10 @@ fn config_key(field: ArchitectureField) -> &'static str {
         ArchitectureField::HeadDim => "head_dim",
         ArchitectureField::IntermediateSize => "intermediate_size",
         ArchitectureField::VocabSize => "vocab_size",
-        ArchitectureField::ContextLength => "max_position_embeddings",
+        ArchitectureField::ContextLength | ArchitectureField::MaxContextLength => {
+            "max_position_embeddings"
+        }
+        ArchitectureField::SlidingWindow => "sliding_window",
     }
 }
 
@@ -138,7 +141,7 @@ impl TokenIds {
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     /// Shape of the network; `context_length` is `max_position_embeddings` until the exporter
-    /// chooses the exported context.
+    /// chooses the bundle's default context.
     pub architecture: Architecture,
     /// The dtype the checkpoint says its weights are in, when it says so.
     pub dtype: Option<SourceDtype>,
@@ -300,6 +303,8 @@ impl ModelConfig {
             rms_norm_eps,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             context_length: max_position_embeddings,
+            max_context_length: Some(max_position_embeddings),
+            sliding_window,
             rope_scaling,
             attention_bias,
         };

@@ -191,7 +191,7 @@ impl CheckpointSource for GgufCheckpoint {
             tokenizer_json: Some(self.tokenizer_dir.path().join("tokenizer.json")),
             chat_template: self.tokenizer.chat_template.clone(),
             bos: special.bos,
-            eos: special.eos.into_iter().collect(),
+            eos: self.tokenizer.stop_ids(),
             pad: special.pad,
             unk: special.unk,
         })
@@ -382,7 +382,8 @@ fn gguf_key_suffix(field: ArchitectureField) -> &'static str {
         ArchitectureField::HeadDim => "attention.key_length",
         ArchitectureField::IntermediateSize => "feed_forward_length",
         ArchitectureField::VocabSize => "vocab_size",
-        ArchitectureField::ContextLength => "context_length",
+        ArchitectureField::ContextLength | ArchitectureField::MaxContextLength => "context_length",
+        ArchitectureField::SlidingWindow => "attention.sliding_window",
     }
 }
 
@@ -412,6 +413,10 @@ fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigErr
     let intermediate_size = required(&key("feed_forward_length"))?;
     let num_heads = required(&key("attention.head_count"))?;
     let context_length = required(&key("context_length"))?;
+    // The standard key, which llama.cpp's converter writes for the families it runs with a
+    // window (Gemma 2, Cohere 2…) but not for llama-architecture Mistrals: those run with
+    // full attention, as llama.cpp runs them.
+    let sliding_window = meta.uint(&key("attention.sliding_window"))?;
     let num_kv_heads = meta
         .uint(&key("attention.head_count_kv"))?
         .unwrap_or(num_heads);
@@ -511,6 +516,8 @@ fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigErr
         rms_norm_eps,
         tie_word_embeddings: index.tensor("output.weight").is_none(),
         context_length,
+        max_context_length: Some(context_length),
+        sliding_window,
         rope_scaling,
         attention_bias,
     };
@@ -521,7 +528,7 @@ fn model_config(path: &Path, index: &GgufIndex) -> Result<ModelConfig, ConfigErr
         architecture,
         dtype: None,
         max_position_embeddings: context_length,
-        sliding_window: None,
+        sliding_window,
         bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
         eos_token_ids: token_id("tokenizer.ggml.eos_token_id")?
             .into_iter()
@@ -643,6 +650,8 @@ mod tests {
             rms_norm_eps: 1e-5,
             tie_word_embeddings: true,
             context_length: 16,
+            max_context_length: None,
+            sliding_window: None,
             rope_scaling: None,
             attention_bias: false,
         };

@@ -1,5 +1,6 @@
 //! A HuggingFace checkpoint directory: `config.json`, safetensors weights, and the tokenizer
-//! side files (`tokenizer.json`, `tokenizer_config.json`, `generation_config.json`).
+//! side files (`tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja`,
+//! `generation_config.json`).
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +17,9 @@ const CONFIG_FILE: &str = "config.json";
 const TOKENIZER_FILE: &str = "tokenizer.json";
 const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 const GENERATION_CONFIG_FILE: &str = "generation_config.json";
+/// Where transformers 4.43 and later save a single chat template; it takes priority over
+/// `tokenizer_config.json`'s `chat_template`, as transformers reads them.
+const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
 
 /// An opened HuggingFace checkpoint directory.
 pub struct HfCheckpoint {
@@ -57,15 +61,21 @@ impl HfCheckpoint {
         &self.dir
     }
 
-    fn read_json(&self, name: &str) -> Result<Option<Value>, CheckpointError> {
+    fn read_text(&self, name: &str) -> Result<Option<String>, CheckpointError> {
         let path = self.dir.join(name);
         if !path.is_file() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&path).map_err(|source| CheckpointError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        std::fs::read_to_string(&path)
+            .map(Some)
+            .map_err(|source| CheckpointError::Io { path, source })
+    }
+
+    fn read_json(&self, name: &str) -> Result<Option<Value>, CheckpointError> {
+        let Some(text) = self.read_text(name)? else {
+            return Ok(None);
+        };
+        let path = self.dir.join(name);
         serde_json::from_str(&text)
             .map(Some)
             .map_err(|e| CheckpointError::Malformed {
@@ -93,6 +103,21 @@ fn token_text<'a>(tokenizer_config: &'a Value, key: &str) -> Option<&'a str> {
     value
         .as_str()
         .or_else(|| value.get("content").and_then(Value::as_str))
+}
+
+/// The added tokens of `tokenizer.json` marked special, as (text, id).
+fn special_tokens(tokenizer: &Value) -> impl Iterator<Item = (&str, u32)> {
+    tokenizer
+        .get("added_tokens")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|t| t.get("special").and_then(Value::as_bool) == Some(true))
+        .filter_map(|t| {
+            let text = t.get("content")?.as_str()?;
+            let id = u32::try_from(t.get("id")?.as_u64()?).ok()?;
+            Some((text, id))
+        })
 }
 
 /// The id of a token's text in `tokenizer.json`: added tokens first, then the model vocab.
@@ -149,11 +174,20 @@ impl CheckpointSource for HfCheckpoint {
         let bos = single("bos_token_id")
             .or(self.config.bos_token_id)
             .or_else(|| by_text("bos_token"));
-        let eos = id_field(&generation, "eos_token_id")
+        let mut eos = id_field(&generation, "eos_token_id")
             .filter(|ids| !ids.is_empty())
             .or_else(|| Some(self.config.eos_token_ids.clone()).filter(|ids| !ids.is_empty()))
             .or_else(|| by_text("eos_token").map(|id| vec![id]))
             .unwrap_or_default();
+        // The tokenizer's own EOS first when it is one of them: it is what chat templates print
+        // as `eos_token` (Llama 3.2 Instruct lists <|end_of_text|> first, its tokenizer names
+        // <|eot_id|>).
+        if let Some(position) =
+            by_text("eos_token").and_then(|id| eos.iter().position(|&e| e == id))
+        {
+            eos[..=position].rotate_right(1);
+        }
+        let eos = super::stop_ids(&eos, tokenizer.iter().flat_map(special_tokens));
         let pad = single("pad_token_id")
             .or(self.config.pad_token_id)
             .or_else(|| by_text("pad_token"));
@@ -167,7 +201,9 @@ impl CheckpointSource for HfCheckpoint {
         });
         Ok(TokenizerFiles {
             tokenizer_json: tokenizer.is_some().then_some(tokenizer_path),
-            chat_template: chat_template(&tokenizer_config),
+            chat_template: self
+                .read_text(CHAT_TEMPLATE_FILE)?
+                .or_else(|| chat_template(&tokenizer_config)),
             bos,
             eos,
             pad,
@@ -180,6 +216,7 @@ impl CheckpointSource for HfCheckpoint {
         for side in [
             TOKENIZER_FILE,
             TOKENIZER_CONFIG_FILE,
+            CHAT_TEMPLATE_FILE,
             GENERATION_CONFIG_FILE,
         ] {
             let path = self.dir.join(side);

@@ -8,8 +8,13 @@
 //! semantics of llama.cpp's `unicode_regex_split` and of a sequence of `tokenizers` `Split`
 //! pre-tokenizers with `Isolated` behaviour, which is how they are expressed.
 //!
-//! The `smollm` family is checked against llama.cpp's own tokenization in
-//! `tests/fixtures/smollm2/`; the other tables are transcriptions of the same source.
+//! Where a family's HuggingFace `tokenizer.json` states its rules, they are written here as it
+//! states them (Llama 3's and Qwen2's regexes verbatim, Qwen2's NFC normalization, which
+//! llama.cpp skips), so that the rebuilt tokenizer equals the HuggingFace one rather than
+//! llama.cpp's reading of it. Checked: `smollm` against llama.cpp's own tokenization
+//! (`tests/fixtures/smollm2/`), `llama-bpe` and `qwen2` against HuggingFace's ids and the models'
+//! original tokenizers (`tests/llama3_and_qwen2_text_match_references.rs`); the other tables
+//! are transcriptions of llama.cpp's source.
 
 /// GPT-2's word splitting: contractions, letter runs, digit runs, other-symbol runs (each with
 /// one optional leading space), and whitespace not followed by a word.
@@ -19,11 +24,12 @@ const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]
 const DIGITS: &str = r"\p{N}";
 
 /// Llama 3's splitting: case-insensitive contractions, at most three digits together, and
-/// newlines kept apart from other whitespace.
-const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// newlines kept apart from other whitespace; as Meta's tokenizer and its `tokenizer.json` write
+/// it (the Unicode case folding of `(?i:…)` also takes `ſ` for `s`, which `'[sS]` would not).
+const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Qwen 2's splitting: as Llama 3's but digits one by one.
-const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// How a named pre-tokenizer cuts text, and whether whole words found in the vocabulary skip
 /// the merges.
@@ -35,6 +41,9 @@ pub struct PreTokenizerRules {
     pub ignore_merges: bool,
     /// Whether llama.cpp adds BOS by default for this pre-tokenizer (when the GGUF does not say).
     pub add_bos_default: bool,
+    /// Whether text is put in Unicode NFC before splitting, as Qwen2's `tokenizer.json` does: a
+    /// decomposed `e` + `◌́` then tokenizes as `é`.
+    pub nfc: bool,
 }
 
 /// The rules for llama.cpp pre-tokenizer `name`, or `None` when it is not tabulated here.
@@ -67,6 +76,9 @@ pub fn rules(name: &str) -> Option<PreTokenizerRules> {
         regexes,
         ignore_merges,
         add_bos_default,
+        // Qwen2, 2.5 and 3 normalize; the names that share Qwen2's regex are other families,
+        // whose tokenizers were not seen doing it.
+        nfc: name == "qwen2",
     })
 }
 

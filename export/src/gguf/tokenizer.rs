@@ -6,7 +6,8 @@
 //! the `tokenizers` crate, which the daemon runs:
 //!
 //! - `gpt2`: byte-level BPE with the GGUF's merges; the pre-tokenizer is the regex cascade the
-//!   `pre` name stands for ([`super::pretokenizer`]) followed by the byte-to-unicode mapping.
+//!   `pre` name stands for ([`super::pretokenizer`]) followed by the byte-to-unicode mapping,
+//!   after NFC where the family's own tokenizer normalizes (Qwen2).
 //! - `llama`: sentencepiece-style BPE over `▁`-marked text with byte fallback. Sentencepiece
 //!   merges the adjacent pair whose union scores highest; BPE merges the pair of lowest rank, so
 //!   the merges are generated from the vocabulary and ranked by the score of their result.
@@ -18,7 +19,9 @@
 //!
 //! Both paths are checked against llama.cpp's own tokenization: `gpt2` on SmolLM2's GGUF
 //! (`tests/fixtures/smollm2/`), `llama` on Mistral-7B v0.1's vocabulary
-//! (`tests/fixtures/gguf/spm_tokenization.json`).
+//! (`tests/fixtures/gguf/spm_tokenization.json`); `gpt2` also against HuggingFace's tokenizers
+//! of Llama 3 and Qwen2 and their original tiktoken vocabularies
+//! (`tests/llama3_and_qwen2_text_match_references.rs`).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -28,6 +31,7 @@ use tokenizers::decoders::fuse::Fuse;
 use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::{BPE, Vocab as BpeVocab};
+use tokenizers::normalizers::unicode::NFC;
 use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
@@ -94,6 +98,10 @@ fn build_error(e: impl std::fmt::Display) -> TokenizerError {
 pub struct SpecialTokens {
     pub bos: Option<u32>,
     pub eos: Option<u32>,
+    /// `tokenizer.ggml.eot_token_id` and `eom_token_id`: the end of a turn and of a message
+    /// (Llama 3.1's `<|eom_id|>`), which end generation like EOS.
+    pub eot: Option<u32>,
+    pub eom: Option<u32>,
     pub unk: Option<u32>,
     pub pad: Option<u32>,
     pub add_bos: bool,
@@ -108,6 +116,8 @@ pub struct GgufTokenizer {
     pub special: SpecialTokens,
     /// `tokenizer.chat_template`, when present.
     pub chat_template: Option<String>,
+    /// The control tokens (`<|eot_id|>`, `<|im_end|>`), which the tokenizer marks special.
+    control_tokens: Vec<(String, u32)>,
 }
 
 /// The tokenizer metadata of a GGUF file, read and cross-checked.
@@ -152,6 +162,8 @@ impl GgufTokenizer {
         let special = SpecialTokens {
             bos: id("tokenizer.ggml.bos_token_id")?,
             eos: id("tokenizer.ggml.eos_token_id")?,
+            eot: id("tokenizer.ggml.eot_token_id")?,
+            eom: id("tokenizer.ggml.eom_token_id")?,
             unk: id("tokenizer.ggml.unknown_token_id")?,
             pad: id("tokenizer.ggml.padding_token_id")?,
             add_bos: boolean(index, "tokenizer.ggml.add_bos_token")?.unwrap_or(default_add_bos),
@@ -174,11 +186,35 @@ impl GgufTokenizer {
         }
 
         let json = tokenizer.to_string(false).map_err(build_error)?;
+        let control_tokens = vocab
+            .tokens
+            .iter()
+            .zip(&vocab.types)
+            .enumerate()
+            .filter(|&(_, (_, &ty))| ty == TYPE_CONTROL)
+            .map(|(id, (token, _))| (token.clone(), id as u32))
+            .collect();
         Ok(GgufTokenizer {
             json,
             special,
             chat_template: string(index, "tokenizer.chat_template")?.map(str::to_owned),
+            control_tokens,
         })
+    }
+
+    /// The ids that end generation: EOS, EOT and EOM from the metadata, then the control tokens
+    /// that end a turn ([`crate::checkpoint::stop_ids`]).
+    pub fn stop_ids(&self) -> Vec<u32> {
+        let named: Vec<u32> = [self.special.eos, self.special.eot, self.special.eom]
+            .into_iter()
+            .flatten()
+            .collect();
+        crate::checkpoint::stop_ids(
+            &named,
+            self.control_tokens
+                .iter()
+                .map(|(text, id)| (text.as_str(), *id)),
+        )
     }
 }
 
@@ -212,6 +248,9 @@ fn byte_level_bpe(index: &Metadata, vocab: &Vocab) -> Result<(Tokenizer, bool), 
         .build()
         .map_err(build_error)?;
     let mut tokenizer = Tokenizer::new(model);
+    if rules.nfc {
+        tokenizer.with_normalizer(Some(NFC));
+    }
 
     let mut steps = rules
         .regexes

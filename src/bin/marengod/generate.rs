@@ -75,6 +75,10 @@ pub struct Args {
     /// Kernel threads (default: every core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Tokens, prompt and generated, the conversation may hold, up to the model's maximum
+    /// (default: the bundle's own).
+    #[arg(long, value_name = "TOKENS")]
+    context: Option<usize>,
     /// Check every file's sha256 against the manifest before loading.
     #[arg(long)]
     verify: bool,
@@ -95,6 +99,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let options = EngineOptions {
         threads: args.threads,
         verify_hashes: args.verify,
+        context: args.context,
         ..EngineOptions::default()
     };
     let engine = Engine::load(&args.bundle, &options)

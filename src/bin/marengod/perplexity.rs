@@ -24,8 +24,8 @@ pub struct Args {
     /// the next-token distributions, the top-1 agreement and the reference's perplexity.
     #[arg(long)]
     reference: Option<PathBuf>,
-    /// Tokens per window (default: the bundle's context length); the second half of each
-    /// window is scored.
+    /// Tokens per window, which is also the context the models run with, up to their maximum
+    /// (default: the bundle's context length); the second half of each window is scored.
     #[arg(long)]
     context: Option<usize>,
     /// Kernel threads (default: every core).
@@ -46,6 +46,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let options = EngineOptions {
         threads: args.threads,
         logits: Logits::EveryPosition,
+        context: args.context,
         ..EngineOptions::default()
     };
     let load = |dir: &PathBuf| {

@@ -16,6 +16,7 @@ pub(super) fn decode(
         query_heads,
         kv_heads,
         dim,
+        start,
         len,
         capacity,
         ..
@@ -27,8 +28,8 @@ pub(super) fn decode(
         .enumerate()
     {
         let (b, query_head) = (index / query_heads, index % query_heads);
-        let first = ((b * kv_heads + query_head / group) * capacity) * dim;
-        let rows = first..first + len * dim;
+        let first = ((b * kv_heads + query_head / group) * capacity + start) * dim;
+        let rows = first..first + (len - start) * dim;
         let (keys, values) = (&keys[rows.clone()], &values[rows]);
         let scores: Vec<f64> = keys
             .chunks_exact(dim)

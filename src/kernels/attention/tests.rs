@@ -54,7 +54,7 @@ fn check(rng: &mut ChaCha8Rng, shape: AttentionShape, scale: f32) {
 fn every_kernel_matches_the_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     for (len, dim) in [
-        (1, 8),
+        (1usize, 8),
         (7, 16),
         (33, 20),
         (255, 3),
@@ -64,15 +64,19 @@ fn every_kernel_matches_the_reference() {
         (1000, 128),
     ] {
         for (batch, query_heads, kv_heads) in [(1, 6, 2), (1, 3, 3), (2, 4, 1)] {
-            let shape = AttentionShape {
-                batch,
-                query_heads,
-                kv_heads,
-                dim,
-                len,
-                capacity: len + 5,
-            };
-            check(&mut rng, shape, (dim as f32).sqrt().recip());
+            // All positions, then a sliding window's last 5 or the last 260 (across tasks).
+            for start in [0, len.saturating_sub(5), len.saturating_sub(260)] {
+                let shape = AttentionShape {
+                    batch,
+                    query_heads,
+                    kv_heads,
+                    dim,
+                    start,
+                    len,
+                    capacity: len + 5,
+                };
+                check(&mut rng, shape, (dim as f32).sqrt().recip());
+            }
         }
     }
 }
@@ -88,6 +92,7 @@ fn kernels_match_the_reference_on_scores_far_apart() {
             query_heads: 2,
             kv_heads: 1,
             dim: 24,
+            start: 0,
             len,
             capacity: len,
         };
@@ -102,6 +107,7 @@ fn bad_operands_are_refused() {
         query_heads: 4,
         kv_heads: 2,
         dim: 8,
+        start: 0,
         len: 3,
         capacity: 4,
     };
@@ -116,6 +122,7 @@ fn bad_operands_are_refused() {
         },
         AttentionShape { len: 0, ..shape },
         AttentionShape { len: 5, ..shape },
+        AttentionShape { start: 3, ..shape },
     ] {
         assert_eq!(run(bad, &cache, &mut out), KernelError::AttentionShape(bad));
     }

@@ -593,6 +593,15 @@ async fn status(
     let (context_length, queue_length) =
         (proxy.context_length().await?, proxy.queue_length().await?);
     let (state, loaded) = (proxy.state().await?, proxy.loaded_model().await?);
+    let capabilities = proxy.capabilities().await?;
+    // Absent from a daemon older than the limit: not shown rather than an error.
+    let limits: Option<HashMap<String, OwnedVariant>> = capabilities
+        .get("limits")
+        .and_then(|limits| HashMap::try_from(limits.try_clone().ok()?).ok());
+    let limit = |name: &str| -> Option<u32> {
+        u32::try_from(limits.as_ref()?.get(name)?.try_clone().ok()?).ok()
+    };
+    let (parallel, kv_memory_mib) = (limit("parallel"), limit("kv_memory_mib"));
     if json {
         let status = serde_json::json!({
             "service": BUS_NAME,
@@ -604,6 +613,8 @@ async fn status(
             "queue_length": queue_length,
             "state": state,
             "loaded_model": loaded,
+            "parallel": parallel,
+            "kv_memory_mib": kv_memory_mib,
         });
         println!("{status}");
         return Ok(());
@@ -615,6 +626,9 @@ async fn status(
     println!("context length: {context_length}");
     println!("queue length:   {queue_length}");
     println!("state:          {state}");
+    if let (Some(parallel), Some(kv)) = (parallel, kv_memory_mib) {
+        println!("parallel:       {parallel} requests, KV budget {kv} MiB");
+    }
     if !loaded.is_empty() {
         println!("loaded model:   {loaded}");
     }
